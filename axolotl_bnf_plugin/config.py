@@ -1,0 +1,78 @@
+"""The plugin's configuration: the `rl:` translation and the validated keys.
+
+Axolotl's `rl:` is a closed enum, so `rl: bnf` / `rl: asft` cannot reach validation as they are. The
+plugin's `register` hook sees the raw YAML first and rewrites it: the method moves to `bnf_rl`, `rl` is
+removed (so Axolotl takes its SFT builder route, which accepts a plugin trainer, collator and data
+loader), and the `datasets:` / `test_datasets:` entries are kept verbatim in `bnf_datasets` /
+`bnf_test_datasets`, because validation coerces dataset entries into narrow models that drop the keys
+preference formats need (field_chosen, a dict `type:`, ...).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+METHODS = ("bnf", "asft")
+DATASET_KEYS = (("datasets", "bnf_datasets"), ("test_datasets", "bnf_test_datasets"))
+
+
+def _plain(value: Any) -> Any:
+    """A deep, plain-Python copy (DictDefault / addict mappings become dicts)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return copy.deepcopy(value)
+
+
+def translate_raw_config(cfg: dict) -> str | None:
+    """Rewrite a raw config that says `rl: bnf` / `rl: asft`; return the method, or None if not ours."""
+    rl = cfg.get("rl")
+    if not isinstance(rl, str) or rl.strip().lower() not in METHODS:
+        return cfg.get("bnf_rl")
+    method = rl.strip().lower()
+    cfg["bnf_rl"] = method
+    del cfg["rl"]
+    for source, kept in DATASET_KEYS:
+        if cfg.get(source) is not None:
+            cfg[kept] = _plain(cfg[source])
+    return method
+
+
+class BNFArgs(BaseModel):
+    """Keys the plugin adds to an Axolotl config (merged into Axolotl's own schema)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    bnf_rl: Literal["bnf", "asft"] | None = Field(
+        default=None,
+        json_schema_extra={"description": "Set from `rl: bnf` / `rl: asft` by the plugin; not written by hand."},
+    )
+    bnf_length_norm: Literal["sequence", "batch_min"] = Field(
+        default="sequence",
+        json_schema_extra={
+            "description": "BNF sequence normaliser: each response's own length (the paper) or the "
+            "shortest response in the micro-batch (the authors' released code)."
+        },
+    )
+    asft_lambda: float = Field(default=1.0, ge=0.0, json_schema_extra={"description": "ASFT alignment weight lambda."})
+    asft_beta: float = Field(default=1.0, gt=0.0, json_schema_extra={"description": "ASFT temperature beta (paper: 1)."})
+    asft_sft_weight: float = Field(
+        default=1.0, ge=0.0, json_schema_extra={"description": "ASFT weight c_sft of the NLL term (paper: 1)."}
+    )
+    bnf_loss_chunk_size: int | None = Field(
+        default=None,
+        ge=1,
+        json_schema_extra={
+            "description": "Token rows per logits block in the fused log-prob op. Default: as many as fit a "
+            "256 MiB workspace for the model's vocabulary."
+        },
+    )
+    bnf_datasets: list[dict[str, Any]] | None = Field(
+        default=None, json_schema_extra={"description": "Verbatim copy of `datasets:` kept by the plugin."}
+    )
+    bnf_test_datasets: list[dict[str, Any]] | None = Field(
+        default=None, json_schema_extra={"description": "Verbatim copy of `test_datasets:` kept by the plugin."}
+    )

@@ -1,0 +1,95 @@
+"""Get what the fused op needs from a causal LM: its final hidden states and its output head.
+
+The model is still called through its own (possibly DDP / FSDP / PEFT-wrapped) forward, so wrappers
+see a normal forward and backward; only `logits_to_keep=1` keeps the `[tokens, vocab]` logits from being
+built. The final hidden states are taken from the decoder's output by a forward hook. The head is the
+model's output embedding (tied or not), with a LoRA delta on `lm_head` folded in, and the model's own
+logit post-processing (scale, soft-capping) read from its config.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import LogitTransform
+
+
+@dataclass
+class OutputHead:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    transform: LogitTransform
+
+
+def unwrap(model):
+    """The underlying `PreTrainedModel` (through DDP/FSDP `.module`, torch.compile and PEFT wrappers)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def logit_transform(config) -> LogitTransform:
+    """Scale and soft-cap the architecture applies to `lm_head` outputs (Cohere, Granite, Gemma 2/3)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = None
+    if getattr(text_config, "logit_scale", None) is not None:
+        scale = float(text_config.logit_scale)
+    if getattr(text_config, "logits_scaling", None) not in (None, 1, 1.0):
+        scale = (scale or 1.0) / float(text_config.logits_scaling)
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return LogitTransform(scale=scale, softcap=float(softcap) if softcap else None)
+
+
+def output_head(model) -> OutputHead:
+    base = unwrap(model)
+    head = base.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no output embedding: rl: bnf / asft needs a causal LM head")
+    weight = head.weight
+    if hasattr(head, "get_delta_weight") and hasattr(head, "active_adapters"):
+        # A LoRA layer on lm_head: score with the adapted weight, differentiably w.r.t. the adapter.
+        for name in head.active_adapters:
+            if name in getattr(head, "lora_A", {}):
+                weight = weight + head.get_delta_weight(name)
+        bias = getattr(head.get_base_layer(), "bias", None)
+    else:
+        bias = getattr(head, "bias", None)
+    return OutputHead(weight=weight, bias=bias, transform=logit_transform(base.config))
+
+
+@contextlib.contextmanager
+def capture_final_hidden(model):
+    """Yield a list that receives the decoder's last hidden state during the next forward."""
+    base = unwrap(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or decoder is base:
+        raise ValueError(f"cannot find the decoder of {type(base).__name__}; rl: bnf / asft needs a causal LM")
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        captured.append(hidden)
+
+    handle = decoder.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(final hidden states [R, L, H], the model's own logits at the last position or None)."""
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    with capture_final_hidden(model) as captured:
+        outputs = model(**kwargs, logits_to_keep=1, use_cache=False, return_dict=True)
+    if len(captured) != 1:
+        raise RuntimeError(f"expected one decoder forward, saw {len(captured)}")
+    return captured[0], getattr(outputs, "logits", None)

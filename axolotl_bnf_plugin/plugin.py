@@ -1,0 +1,65 @@
+"""`axolotl_bnf_plugin.BNFPlugin`: wires BNF / ASFT into Axolotl through its plugin hooks.
+
+Every hook checks the plugin's own switch (`bnf_rl`, set from `rl: bnf` / `rl: asft`), so a config
+that loads the plugin without using one of its methods trains exactly as Axolotl alone would.
+"""
+from __future__ import annotations
+
+from axolotl.integrations.base import BasePlugin
+
+from .config import translate_raw_config
+
+
+class BNFPlugin(BasePlugin):
+    """BNF (arXiv 2410.04834) and ASFT (arXiv 2409.10571) for Axolotl, on a fused log-prob kernel."""
+
+    def register(self, cfg: dict):
+        translate_raw_config(cfg)
+
+    def get_input_args(self) -> str:
+        return "axolotl_bnf_plugin.config.BNFArgs"
+
+    def get_training_args_mixin(self) -> str:
+        return "axolotl_bnf_plugin.training_args.BNFTrainingArgsMixin"
+
+    def get_training_args(self, cfg):
+        if not cfg.bnf_rl:
+            return None
+        return {
+            "bnf_rl": cfg.bnf_rl,
+            "bnf_length_norm": cfg.bnf_length_norm,
+            "asft_lambda": cfg.asft_lambda,
+            "asft_beta": cfg.asft_beta,
+            "asft_sft_weight": cfg.asft_sft_weight,
+            "bnf_loss_chunk_size": cfg.bnf_loss_chunk_size,
+            # The collator needs the example columns (signs, pairs), not just the model's inputs.
+            "remove_unused_columns": False,
+        }
+
+    def load_datasets(self, cfg, preprocess: bool = False):
+        if not cfg.bnf_rl:
+            return None
+        from .data.loader import load_bnf_datasets
+
+        return load_bnf_datasets(cfg, preprocess=preprocess)
+
+    def get_trainer_cls(self, cfg):
+        if not cfg.bnf_rl:
+            return None
+        from .trainer import BNFTrainer
+
+        return BNFTrainer
+
+    def get_collator_cls_and_kwargs(self, cfg, is_eval: bool = False):
+        if not cfg.bnf_rl:
+            return None
+        from .data.collator import ResponseBatchCollator
+
+        return ResponseBatchCollator, {}
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        if not cfg.bnf_rl:
+            return []
+        from .callbacks import LogHistoryWriter
+
+        return [LogHistoryWriter()]
