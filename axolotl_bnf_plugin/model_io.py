@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import LogitTransform
+from .kernels import LogitTransform, token_logprobs
+
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -23,17 +25,25 @@ class OutputHead:
     transform: LogitTransform
 
 
-def unwrap(model):
-    """The underlying `PreTrainedModel` (through DDP/FSDP `.module`, torch.compile and PEFT wrappers)."""
+def unwrap(model, keep_peft: bool = False):
+    """The underlying `PreTrainedModel`, through DDP/FSDP `.module`, torch.compile and (unless
+    `keep_peft`) PEFT wrappers; with `keep_peft`, the PEFT model itself when there is one."""
     while True:
+        if keep_peft and hasattr(model, "disable_adapter"):
+            return model
         if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+        elif not keep_peft and hasattr(model, "get_base_model") and callable(model.get_base_model):
             model = model.get_base_model()
         else:
             return model
+
+
+def unwrap_peft(model):
+    """The PEFT model inside any DDP/FSDP/compile wrappers, or the plain model when there is no adapter."""
+    return unwrap(model, keep_peft=True)
 
 
 def logit_transform(config) -> LogitTransform:
@@ -55,10 +65,12 @@ def output_head(model) -> OutputHead:
         raise ValueError(f"{type(base).__name__} has no output embedding: rl: bnf / asft needs a causal LM head")
     weight = head.weight
     if hasattr(head, "get_delta_weight") and hasattr(head, "active_adapters"):
-        # A LoRA layer on lm_head: score with the adapted weight, differentiably w.r.t. the adapter.
-        for name in head.active_adapters:
-            if name in getattr(head, "lora_A", {}):
-                weight = weight + head.get_delta_weight(name)
+        # A LoRA layer on lm_head: score with the adapted weight, differentiably w.r.t. the adapter,
+        # unless the adapter is disabled (reference pass) or already merged into the base weight.
+        if not head.disable_adapters and not head.merged:
+            for name in head.active_adapters:
+                if name in getattr(head, "lora_A", {}):
+                    weight = weight + head.get_delta_weight(name)
         bias = getattr(head.get_base_layer(), "bias", None)
     else:
         bias = getattr(head, "bias", None)
@@ -93,3 +105,51 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     if len(captured) != 1:
         raise RuntimeError(f"expected one decoder forward, saw {len(captured)}")
     return captured[0], getattr(outputs, "logits", None)
+
+
+def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None, check_head: bool = False):
+    """Per-token (logp, neg_entropy, scored mask), each `[R, L]`, of every row's own next tokens.
+
+    Position t scores label t + 1 (the usual causal shift); only tokens whose label is not -100 are
+    scored, and the fused op never forms the `[R * L, V]` logits. With `check_head`, the model's own
+    last-position logits are compared with the op's projection first (see `check_head_matches`).
+    """
+    hidden, last_logits = forward_hidden(model, batch)
+    head = output_head(model)
+    if check_head:
+        check_head_matches(model, hidden, last_logits, head)
+    rows, length, width = hidden.shape
+    labels = batch["labels"]
+    targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
+    logp, neg_entropy = token_logprobs(
+        hidden.reshape(-1, width),
+        head.weight,
+        targets.reshape(-1),
+        bias=head.bias,
+        ignore_index=IGNORE_INDEX,
+        chunk_size=chunk_size,
+        softcap=head.transform.softcap,
+        scale=head.transform.scale,
+    )
+    return logp.view(rows, length), neg_entropy.view(rows, length), targets != IGNORE_INDEX
+
+
+@torch.no_grad()
+def check_head_matches(model, hidden: torch.Tensor, last_logits: torch.Tensor | None, head: OutputHead) -> None:
+    """Fail loudly if `transform(lm_head(final hidden))` is not the model's own logits.
+
+    An architecture that post-processes logits in a way this module does not know would otherwise be
+    trained on the wrong distribution without any sign of it.
+    """
+    if last_logits is None:
+        return
+    ours = head.transform.apply(torch.nn.functional.linear(hidden[:, -1], head.weight, head.bias).float())
+    theirs = last_logits[:, -1].float()
+    tol = 1e-3 if hidden.dtype == torch.float32 else 5e-2
+    err = (ours - theirs).abs().max().item()
+    if err > tol * (1.0 + theirs.abs().max().item()):
+        raise RuntimeError(
+            f"{type(unwrap(model)).__name__}: lm_head(final hidden state) differs from the model's logits by "
+            f"{err:.3g}; the architecture post-processes logits in a way the plugin does not know, so "
+            "rl: bnf / asft would train on the wrong distribution"
+        )

@@ -20,12 +20,10 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.logging import get_logger
 
-from .kernels import token_logprobs
 from .losses import asft_loss, bnf_loss
-from .model_io import forward_hidden, output_head, unwrap
+from .model_io import response_token_logps, unwrap_peft
 
 LOG = get_logger(__name__)
-IGNORE_INDEX = -100
 
 
 class BNFTrainer(AxolotlTrainer):
@@ -64,43 +62,8 @@ class BNFTrainer(AxolotlTrainer):
 
     # ----------------------------------------------------------------------------------- forward
     def _token_logps(self, model, batch, check_head: bool = False):
-        """Per-token (logp, neg_entropy) of each response's own next tokens, shape [R, L]."""
-        hidden, last_logits = forward_hidden(model, batch)
-        head = output_head(model)
-        if check_head:
-            self._check_head(hidden, last_logits, head)
-        rows, length, width = hidden.shape
-        # Position t predicts token t + 1; the last position predicts nothing.
-        targets = torch.cat([batch["labels"][:, 1:], batch["labels"].new_full((rows, 1), IGNORE_INDEX)], dim=1)
-        logp, neg_entropy = token_logprobs(
-            hidden.reshape(-1, width),
-            head.weight,
-            targets.reshape(-1),
-            bias=head.bias,
-            ignore_index=IGNORE_INDEX,
-            chunk_size=self.args.bnf_loss_chunk_size,
-            softcap=head.transform.softcap,
-            scale=head.transform.scale,
-        )
-        return logp.view(rows, length), neg_entropy.view(rows, length), targets != IGNORE_INDEX
-
-    def _check_head(self, hidden, last_logits, head):
-        """Once: the model's own last-position logits must equal what the fused op scores."""
-        if self._head_checked or last_logits is None:
-            return
-        self._head_checked = True
-        with torch.no_grad():
-            ours = torch.nn.functional.linear(hidden[:, -1], head.weight, head.bias).float()
-            ours = head.transform.apply(ours)
-            theirs = last_logits[:, -1].float()
-            tol = 1e-3 if hidden.dtype == torch.float32 else 5e-2
-            err = (ours - theirs).abs().max().item()
-            if err > tol * (1.0 + theirs.abs().max().item()):
-                raise RuntimeError(
-                    f"{type(unwrap(self.model)).__name__}: lm_head(final hidden state) differs from the model's "
-                    f"logits by {err:.3g}; the architecture post-processes logits in a way the plugin does not "
-                    "know, so rl: bnf / asft would train on the wrong distribution"
-                )
+        self._head_checked = self._head_checked or check_head
+        return response_token_logps(model, batch, self.args.bnf_loss_chunk_size, check_head=check_head)
 
     def _loss_and_metrics(self, model, batch):
         logp, neg_entropy, mask = self._token_logps(model, batch, check_head=not self._head_checked)
@@ -158,15 +121,3 @@ class BNFTrainer(AxolotlTrainer):
         counts.clear()
         super().log(logs, start_time)
 
-
-def unwrap_peft(model):
-    """The PEFT model inside DDP/FSDP/compile wrappers (or the plain model when there is no adapter)."""
-    while True:
-        if hasattr(model, "disable_adapter"):
-            return model
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model

@@ -311,10 +311,12 @@ def _naive_fp32(hidden, weight, labels, bias):
     return logp, (log_p.exp() * log_p).sum(-1).detach()
 
 
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.1], ids=["all-scored", "some-ignored"])
 @pytest.mark.parametrize("transform", [dict(), dict(softcap=10.0, scale=0.7)], ids=["plain", "softcap-scale"])
-def test_no_full_logits_tensor_forward_or_backward(transform):
+def test_no_full_logits_tensor_forward_or_backward(transform, ignore_frac):
     N, V, H, chunk = 512, 1000, 16, 32
-    hidden, weight, bias, labels, up = make_inputs(N, H, V, seed=14, with_bias=True, ignore_frac=0.1)
+    hidden, weight, bias, labels, up = make_inputs(N, H, V, seed=14, with_bias=True, ignore_frac=ignore_frac)
+    assert (labels == -100).any() == (ignore_frac > 0)
     bound = max(chunk * V, V * H, N * H)
     assert bound < N * V
 

@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny local model + toy preference data, and a runner for the real `axolotl` CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+AXOLOTL_ENV = {
+    "AXOLOTL_DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+for _key, _value in AXOLOTL_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+CPU_KEYS = {"fp16": False, "bf16": False, "tf32": False}
+LORA_KEYS = {
+    "adapter": "lora",
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "lora_target_linear": True,
+    "lora_mlp_kernel": False,
+    "lora_qkv_kernel": False,
+    "lora_o_kernel": False,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> Path:
+    from axolotl_bnf_plugin.tiny import build_assets
+
+    return build_assets(tmp_path_factory.mktemp("tiny"), n_rows=64, seed=0)
+
+
+def base_config(assets: Path, out: Path, method: str, **overrides) -> dict:
+    cfg = {
+        "base_model": str(assets / "model"),
+        "plugins": ["axolotl_bnf_plugin.BNFPlugin"],
+        "rl": method,
+        "datasets": [{"path": str(assets / "pairs_intel.jsonl"), "ds_type": "json", "type": "chatml.intel"}],
+        "dataset_prepared_path": str(out / "prepared"),
+        "output_dir": str(out / "run"),
+        "sequence_len": 128,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "num_epochs": 1,
+        "max_steps": 8,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": 0,
+        **CPU_KEYS,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def run_axolotl(command: str, cfg: dict, workdir: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`axolotl COMMAND config.yml` in a subprocess, exactly as a user runs it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"{command}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    axolotl = Path(sys.executable).with_name("axolotl")
+    proc = subprocess.run(
+        [str(axolotl), command, str(path)],
+        cwd=workdir,
+        env={**os.environ, **AXOLOTL_ENV},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"axolotl {command} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc

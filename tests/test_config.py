@@ -1,0 +1,71 @@
+"""The plugin's configuration: `rl:` translation, key validation, and clear load-time errors."""
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import base_config
+
+from axolotl_bnf_plugin.config import BNFArgs, translate_raw_config
+
+
+def test_translation_moves_method_and_keeps_raw_datasets():
+    datasets = [{"path": "x.jsonl", "type": {"field_prompt": "q", "field_chosen": "good"}, "field_messages": "m"}]
+    cfg = {"rl": "BNF", "datasets": datasets, "test_datasets": [{"path": "t.jsonl"}]}
+    assert translate_raw_config(cfg) == "bnf"
+    assert "rl" not in cfg and cfg["bnf_rl"] == "bnf"
+    assert cfg["bnf_datasets"] == datasets and cfg["bnf_datasets"] is not datasets
+    assert cfg["bnf_test_datasets"] == [{"path": "t.jsonl"}]
+    # Later in-place coercion of `datasets` by validation must not reach the kept copy.
+    datasets[0]["type"]["field_prompt"] = "changed"
+    assert cfg["bnf_datasets"][0]["type"]["field_prompt"] == "q"
+
+
+@pytest.mark.parametrize("rl", ["dpo", "kto", None])
+def test_translation_leaves_other_methods_alone(rl):
+    cfg = {"rl": rl, "datasets": [{"path": "x"}]}
+    assert translate_raw_config(cfg) is None
+    assert cfg == {"rl": rl, "datasets": [{"path": "x"}]}
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("bnf_length_norm", "tokens"), ("asft_lambda", "big"), ("asft_lambda", -1.0), ("asft_beta", 0.0),
+     ("asft_sft_weight", -0.5), ("bnf_loss_chunk_size", 0), ("bnf_loss_chunk_size", "auto")],
+)
+def test_args_model_rejects_bad_values_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=key):
+        BNFArgs(**{key: value})
+
+
+def test_args_defaults():
+    args = BNFArgs()
+    assert (args.bnf_length_norm, args.asft_lambda, args.asft_beta, args.asft_sft_weight) == ("sequence", 1.0, 1.0, 1.0)
+    assert args.bnf_loss_chunk_size is None
+
+
+def _load(cfg: dict, tmp_path):
+    from axolotl.cli.config import load_cfg
+
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_cfg(str(path))
+
+
+def test_load_cfg_accepts_rl_bnf_with_plugin(tiny_assets, tmp_path):
+    cfg = _load(base_config(tiny_assets, tmp_path, "bnf", asft_lambda=0.5), tmp_path)
+    assert cfg.bnf_rl == "bnf" and not cfg.rl
+    assert cfg.asft_lambda == 0.5 and cfg.bnf_length_norm == "sequence"
+    assert cfg.bnf_datasets[0]["type"] == "chatml.intel"
+
+
+@pytest.mark.parametrize("key,value", [("bnf_length_norm", "tokens"), ("asft_beta", -2), ("bnf_loss_chunk_size", 0)])
+def test_load_cfg_rejects_bad_plugin_key(tiny_assets, tmp_path, key, value):
+    with pytest.raises(Exception, match=key):
+        _load(base_config(tiny_assets, tmp_path, "asft", **{key: value}), tmp_path)
+
+
+def test_rl_bnf_without_plugin_fails_naming_rl(tiny_assets, tmp_path):
+    cfg = base_config(tiny_assets, tmp_path, "bnf")
+    del cfg["plugins"]
+    with pytest.raises(Exception, match=r"rl"):
+        _load(cfg, tmp_path)

@@ -1,0 +1,125 @@
+"""The policy's per-token log-probs via final hidden states + output head equal the model's own logits,
+across architectures that post-process logits, tied heads, head biases and PEFT adapters."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from axolotl_bnf_plugin.model_io import check_head_matches, forward_hidden, output_head, response_token_logps
+
+COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _model(arch: str):
+    torch.manual_seed(0)
+    if arch == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))
+    if arch == "llama-tied":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, tie_word_embeddings=True))
+    if arch == "gemma2-softcap":
+        cfg = transformers.Gemma2Config(**COMMON, head_dim=8, final_logit_softcapping=3.0, query_pre_attn_scalar=8)
+        return transformers.Gemma2ForCausalLM(cfg)
+    if arch == "cohere-scale":
+        return transformers.CohereForCausalLM(transformers.CohereConfig(**COMMON, logit_scale=0.37))
+    if arch == "granite-scaling":
+        return transformers.GraniteForCausalLM(transformers.GraniteConfig(**COMMON, logits_scaling=4.0))
+    if arch == "phi-bias":
+        cfg = transformers.PhiConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64)
+        return transformers.PhiForCausalLM(cfg)
+    raise ValueError(arch)
+
+
+def _batch(rows=3, length=11, vocab=97):
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, vocab, (rows, length), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 8:] = 0  # right padding on one row
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # prompt
+    labels[attention_mask == 0] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _naive(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logp_all = torch.log_softmax(logits[:, :-1], -1)
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    logp = logp_all.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask
+    neg_entropy = (logp_all.exp() * logp_all).sum(-1) * mask
+    return logp, neg_entropy, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "gemma2-softcap", "cohere-scale", "granite-scaling", "phi-bias"])
+def test_fused_logps_match_model_logits(arch):
+    model = _model(arch).float()
+    batch = _batch()
+    logp, neg_entropy, mask = response_token_logps(model, batch, chunk_size=5, check_head=True)
+    ref_logp, ref_neg_entropy, ref_mask = _naive(model, batch)
+    assert torch.equal(mask[:, :-1], ref_mask) and not mask[:, -1].any()
+    torch.testing.assert_close(logp[:, :-1], ref_logp, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(neg_entropy[:, :-1], ref_neg_entropy, atol=2e-5, rtol=1e-5)
+
+    # Gradients w.r.t. every parameter agree with autograd through the full logits.
+    weights = torch.randn_like(ref_logp)
+    grads = torch.autograd.grad((logp[:, :-1] * weights).sum(), [p for p in model.parameters()], allow_unused=True)
+    ref_grads = torch.autograd.grad((ref_logp * weights).sum(), [p for p in model.parameters()], allow_unused=True)
+    for g, r in zip(grads, ref_grads):
+        if r is None:
+            assert g is None or torch.count_nonzero(g) == 0
+        else:
+            torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-3)
+
+
+def test_tied_head_is_the_input_embedding():
+    model = _model("llama-tied")
+    assert output_head(model).weight is model.get_input_embeddings().weight
+
+
+def test_transform_read_from_config():
+    assert output_head(_model("gemma2-softcap")).transform.softcap == 3.0
+    assert output_head(_model("cohere-scale")).transform.scale == pytest.approx(0.37)
+    assert output_head(_model("granite-scaling")).transform.scale == pytest.approx(0.25)
+    assert output_head(_model("llama")).transform.scale is None
+
+
+def test_lora_on_lm_head_and_disabled_adapter():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # make the adapter non-trivial
+            torch.nn.init.normal_(param, std=0.5)
+    batch = _batch()
+    logp, _, _ = response_token_logps(model, batch, chunk_size=4, check_head=True)
+    torch.testing.assert_close(logp[:, :-1], _naive(model, batch)[0], atol=2e-5, rtol=1e-5)
+    with model.disable_adapter():
+        base_logp, _, _ = response_token_logps(model, batch, chunk_size=4)
+        torch.testing.assert_close(base_logp[:, :-1], _naive(model, batch)[0], atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(base_logp, logp)
+    # The adapter's lm_head LoRA weights receive gradient through the fused op.
+    logp.sum().backward()
+    head_lora = [p for n, p in model.named_parameters() if "lm_head" in n and "lora_A" in n]
+    assert head_lora and head_lora[0].grad is not None and head_lora[0].grad.abs().sum() > 0
+
+
+def test_head_check_catches_unknown_logit_processing():
+    model = _model("llama")
+    batch = _batch()
+    hidden, last_logits = forward_hidden(model, batch)
+    head = output_head(model)
+    check_head_matches(model, hidden, last_logits, head)  # consistent: no error
+    with pytest.raises(RuntimeError, match="differs from the model's logits"):
+        check_head_matches(model, hidden, last_logits * 2.0, head)
+
+
+def test_no_full_logits_are_computed():
+    """The model is asked for its last position only; the fused op does the rest."""
+    model = _model("llama")
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    response_token_logps(model, _batch(rows=3, length=11))
+    assert seen == [torch.Size([3, 1, 97])]

@@ -1,0 +1,94 @@
+"""End to end: `axolotl train` / `axolotl preprocess` with the plugin on a tiny local model (CPU)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import LORA_KEYS, base_config, run_axolotl
+
+from axolotl_bnf_plugin.callbacks import LOG_HISTORY_FILE
+
+BNF_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "bnf/weight_chosen", "bnf/weight_rejected", "bnf/clipped_frac_chosen",
+            "bnf/clipped_frac_rejected"}
+ASFT_KEYS = {"asft/nll_loss", "asft/align_loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+             "rewards/accuracies", "logps/chosen", "logps/rejected", "log_odds_chosen"}
+
+
+def _load_policy(assets, run_dir, lora: bool):
+    from transformers import AutoModelForCausalLM
+
+    if not lora:
+        return AutoModelForCausalLM.from_pretrained(run_dir)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets / "model"), run_dir)
+
+
+@torch.no_grad()
+def _mean_margin(model, tokenizer, rows) -> float:
+    """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt), from full logits."""
+    margins = []
+    for row in rows:
+        prompt = (f"<|im_start|>system\n{row['system']}<|im_end|>\n<|im_start|>user\n{row['question']}<|im_end|>\n"
+                  "<|im_start|>assistant\n")
+        scores = []
+        for answer in (row["chosen"], row["rejected"]):
+            p_len = len(tokenizer(prompt)["input_ids"])
+            ids = torch.tensor([tokenizer(prompt + answer + "<|im_end|>")["input_ids"]])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+            scores.append(logp[p_len - 1:].sum().item())
+        margins.append(scores[0] - scores[1])
+    return sum(margins) / len(margins)
+
+
+@pytest.mark.parametrize("method", ["bnf", "asft"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_train_raises_chosen_over_rejected(tiny_assets, tmp_path, method, lora):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = LORA_KEYS if lora else {}
+    lr = 2e-3 if lora else 1e-3
+    cfg = base_config(tiny_assets, tmp_path, method, learning_rate=lr, max_steps=10, **extra)
+    proc = run_axolotl("train", cfg, tmp_path)
+    run_dir = tmp_path / "run"
+
+    history = [json.loads(line) for line in (run_dir / LOG_HISTORY_FILE).read_text().splitlines()]
+    train_logs = [r for r in history if "loss" in r]
+    assert len(train_logs) == 10, proc.stdout[-2000:]
+    expected = BNF_KEYS if method == "bnf" else ASFT_KEYS
+    assert expected <= set(train_logs[-1]), sorted(set(train_logs[-1]))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_logs)
+    if method == "bnf":
+        assert "reference: " in proc.stdout + proc.stderr
+        # BNF's rewards are measured against the reference = the initial policy: zero at the first step.
+        assert abs(train_logs[0]["rewards/margins"]) < 1e-4
+        assert train_logs[-1]["rewards/margins"] > 0.1
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets / "model")
+    rows = [json.loads(line) for line in (tiny_assets / "pairs_intel.jsonl").read_text().splitlines()[:16]]
+    before = _mean_margin(AutoModelForCausalLM.from_pretrained(tiny_assets / "model"), tokenizer, rows)
+    after = _mean_margin(_load_policy(tiny_assets, run_dir, lora), tokenizer, rows)
+    assert after > before + 0.5, (before, after)
+
+
+def test_eval_split_logs_eval_metrics(tiny_assets, tmp_path):
+    cfg = base_config(tiny_assets, tmp_path, "asft", val_set_size=0.25, eval_steps=4, max_steps=4)
+    run_axolotl("train", cfg, tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "run" / LOG_HISTORY_FILE).read_text().splitlines()]
+    evals = [r for r in history if "eval_loss" in r]
+    assert evals, history
+    assert {"eval_rewards/accuracies", "eval_asft/nll_loss", "eval_log_odds_chosen"} <= set(evals[-1])
+
+
+def test_preprocess_then_train_reuses_prepared_data(tiny_assets, tmp_path):
+    cfg = base_config(tiny_assets, tmp_path, "bnf", max_steps=2)
+    pre = run_axolotl("preprocess", cfg, tmp_path)
+    assert "rows by outcome" in pre.stdout + pre.stderr
+    prepared = list((tmp_path / "prepared").iterdir())
+    assert any(p.is_dir() for p in prepared), prepared
+    train = run_axolotl("train", cfg, tmp_path)
+    out = train.stdout + train.stderr
+    assert "Loading prepared dataset from disk" in out
+    assert "rows by outcome" not in out
