@@ -84,26 +84,31 @@ def batch_normalizer(pair_ids: torch.Tensor | None, batch_size: int, device=None
     return per_row.sum()
 
 
-def _pair_margins(values: torch.Tensor, sign: torch.Tensor, pair_ids: torch.Tensor | None):
-    """For each chosen row that is in a pair: its value minus its rejected partner's; plus that row mask."""
+def _pair_margins(values: torch.Tensor, sign: torch.Tensor, pair_ids: torch.Tensor | None, nonempty: torch.Tensor):
+    """For each chosen row in a pair: its value minus its rejected partner's, and which rows count
+    (both responses of the pair must have scored tokens)."""
     if pair_ids is None:
         return values, torch.zeros_like(values, dtype=torch.bool)
     same, paired = _pair_structure(pair_ids)
-    partner_rejected = (same * (sign < 0).to(same.dtype)[None, :] * values[None, :]).sum(1)
-    return values - partner_rejected, paired & (sign > 0)
+    partner = same * (sign < 0).to(same.dtype)[None, :]
+    partner_rejected = (partner * values[None, :]).sum(1)
+    partner_nonempty = (partner * nonempty.to(same.dtype)[None, :]).sum(1) > 0
+    return values - partner_rejected, paired & (sign > 0) & nonempty & partner_nonempty
 
 
 def _resolve_normalizer(normalizer, pair_ids, mask):
+    """The batch's n (at least 1, for a batch of no rows), or the caller's value as given (must be > 0)."""
     if normalizer is None:
-        normalizer = batch_normalizer(pair_ids, mask.shape[0], mask.device)
-    return torch.as_tensor(normalizer, dtype=torch.float32, device=mask.device).clamp(min=1)
+        return batch_normalizer(pair_ids, mask.shape[0], mask.device).clamp(min=1)
+    return torch.as_tensor(normalizer, dtype=torch.float32, device=mask.device)
 
 
-def _add_preference_metrics(metrics: Metrics, rewards, logps, sign, pair_ids):
-    chosen, rejected = sign > 0, sign < 0
+def _add_preference_metrics(metrics: Metrics, rewards, logps, sign, pair_ids, nonempty):
+    """Row metrics over responses with scored tokens; pair metrics over pairs whose both rows have some."""
+    chosen, rejected = (sign > 0) & nonempty, (sign < 0) & nonempty
     metrics.add_mean("rewards/chosen", rewards, chosen)
     metrics.add_mean("rewards/rejected", rewards, rejected)
-    margins, has_pair = _pair_margins(rewards, sign, pair_ids)
+    margins, has_pair = _pair_margins(rewards, sign, pair_ids, nonempty)
     metrics.add_mean("rewards/margins", margins, has_pair)
     metrics.add_mean("rewards/accuracies", (margins > 0).float(), has_pair)
     metrics.add_mean("logps/chosen", logps, chosen)
@@ -169,7 +174,7 @@ def bnf_loss(
 
     metrics = Metrics()
     rewards = torch.where(scored, logp - ref, zero).sum(1)
-    _add_preference_metrics(metrics, rewards, logp.sum(1), sign, pair_ids)
+    _add_preference_metrics(metrics, rewards, logp.sum(1), sign, pair_ids, lengths > 0)
     chosen_tok = scored & (sign > 0)[:, None]
     rejected_tok = scored & (sign < 0)[:, None]
     metrics.add_mean("bnf/weight_chosen", weight, chosen_tok)
@@ -200,17 +205,22 @@ def asft_loss(
     With lbar the length-normalised log-likelihood and r = log(pibar / (1 - pibar)), a preferred row
     contributes `-sft_weight * lbar - lam * log sigmoid(beta * r)` and a dispreferred one
     `-lam * log sigmoid(-beta * r)`; the sum is divided by n (pairs + unpaired rows).
-    `log(1 - pibar)` is evaluated at `min(lbar, -1e-6)` so that pibar == 1 stays finite.
+    `log(1 - pibar)` is evaluated at `min(lbar, -1e-6)` so that pibar == 1 stays finite. A row with no
+    scored tokens has no lbar: it adds nothing to the loss and is left out of the metrics.
     """
     _check_inputs(mask, sign, pair_ids, policy_logps)
     scored = mask.bool()
-    logp = torch.where(scored, policy_logps.float(), torch.zeros_like(policy_logps, dtype=torch.float32))
-    lbar = logp.sum(1) / scored.sum(1).clamp(min=1)
+    dtype = torch.promote_types(policy_logps.dtype, torch.float32)
+    logp = torch.where(scored, policy_logps.to(dtype), torch.zeros_like(policy_logps, dtype=dtype))
+    lengths = scored.sum(1)
+    nonempty = lengths > 0
+    lbar = logp.sum(1) / lengths.clamp(min=1)
     log_odds = lbar - _log1mexp(lbar.clamp(max=_ASFT_MAX_LBAR))
     preferred = sign > 0
     # -log sigmoid(x) = softplus(-x): finite for every finite x.
     align = torch.where(preferred, F.softplus(-beta * log_odds), F.softplus(beta * log_odds))
-    nll = torch.where(preferred, -lbar, torch.zeros_like(lbar))
+    align = torch.where(nonempty, align, torch.zeros_like(align))
+    nll = torch.where(preferred & nonempty, -lbar, torch.zeros_like(lbar))
     n = _resolve_normalizer(normalizer, pair_ids, mask)
     nll_term = nll.sum() / n
     align_term = align.sum() / n
@@ -221,7 +231,7 @@ def asft_loss(
     metrics.counts["asft/nll_loss"] = n.detach()
     metrics["asft/align_loss"] = align_term.detach()
     metrics.counts["asft/align_loss"] = n.detach()
-    _add_preference_metrics(metrics, beta * lbar, lbar, sign, pair_ids)
-    odds_margin, has_pair = _pair_margins(log_odds, sign, pair_ids)
+    _add_preference_metrics(metrics, beta * lbar, lbar, sign, pair_ids, nonempty)
+    odds_margin, has_pair = _pair_margins(log_odds, sign, pair_ids, nonempty)
     metrics.add_mean("log_odds_chosen", odds_margin, has_pair)
     return loss, metrics

@@ -180,9 +180,10 @@ def naive_bnf(z_leaf, labels, z_ref, mask, sign, pair_ids, length_norm):
         logps_sum.append(logp_i)
     loss = -total / n
 
-    chosen = [i for i in range(B) if sign[i] > 0]
-    rejected = [i for i in range(B) if sign[i] < 0]
-    pairs = naive_pairs(sign, pair_ids)
+    # Rows with no scored tokens are left out of every metric (they have no response to measure).
+    chosen = [i for i in range(B) if sign[i] > 0 and lengths[i] > 0]
+    rejected = [i for i in range(B) if sign[i] < 0 and lengths[i] > 0]
+    pairs = [(c, r) for c, r in naive_pairs(sign, pair_ids) if lengths[c] > 0 and lengths[r] > 0]
     margins = [rewards[c] - rewards[r] for c, r in pairs]
 
     def tok(rows, values):
@@ -204,7 +205,12 @@ def naive_bnf(z_leaf, labels, z_ref, mask, sign, pair_ids, length_norm):
 
 
 def naive_asft_row_terms(z_leaf, labels, mask, i):
-    """lbar_i (differentiable) for one row; an empty row has lbar = 0 (an empty sum over max(|y|, 1))."""
+    """lbar_i (differentiable) for one row.
+
+    METHODS.md leaves lbar undefined for |y| = 0; the implementation's convention is that such a row adds
+    nothing to the loss and is left out of every metric (naive_asft skips it on count == 0). The layouts
+    in LAYOUTS with more than two rows all contain one empty row.
+    """
     T = z_leaf.shape[1]
     total = z_leaf.new_zeros(())
     count = 0
@@ -227,21 +233,25 @@ def naive_asft(z_leaf, labels, mask, sign, pair_ids, lam, beta, c_sft):
     nll_sum = z_leaf.new_zeros(())
     align_sum = z_leaf.new_zeros(())
     lbars, rs = [], []
+    nonempty = []
     for i in range(B):
-        lbar, _ = naive_asft_row_terms(z_leaf, labels, mask, i)
+        lbar, count = naive_asft_row_terms(z_leaf, labels, mask, i)
         r = naive_log_odds(lbar)
+        lbars.append(lbar.item())
+        rs.append(r.item())
+        if count == 0:
+            continue
+        nonempty.append(i)
         if sign[i] > 0:
             nll_sum = nll_sum - lbar
             align_sum = align_sum - torch.log(torch.sigmoid(beta * r))
         else:
             align_sum = align_sum - torch.log(torch.sigmoid(-beta * r))
-        lbars.append(lbar.item())
-        rs.append(r.item())
     loss = (c_sft * nll_sum + lam * align_sum) / n
 
-    chosen = [i for i in range(B) if sign[i] > 0]
-    rejected = [i for i in range(B) if sign[i] < 0]
-    pairs = naive_pairs(sign, pair_ids)
+    chosen = [i for i in nonempty if sign[i] > 0]
+    rejected = [i for i in nonempty if sign[i] < 0]
+    pairs = [(c, r) for c, r in naive_pairs(sign, pair_ids) if c in nonempty and r in nonempty]
     margins = [beta * lbars[c] - beta * lbars[r] for c, r in pairs]
     items = {
         "rewards/chosen": [beta * lbars[i] for i in chosen],
@@ -691,3 +701,33 @@ def test_mismatched_shapes_raise(which, field):
 def test_unknown_length_norm_raises(norm):
     with pytest.raises(ValueError):
         _call("bnf", _valid(), length_norm=norm)
+
+
+def test_empty_rejected_row_changes_neither_asft_loss_nor_pair_metrics():
+    """A pair whose rejected response has no scored tokens adds nothing but its chosen row's terms."""
+    logps = torch.tensor([[-1.0, -1.0], [-2.0, -2.0], [-0.5, -1.5], [-3.0, -1.0]])
+    sign = torch.tensor([1, -1, 1, -1])
+    pair_ids = torch.tensor([0, 0, 1, 1])
+    mask = torch.ones(4, 2)
+    empty = mask.clone()
+    empty[1] = 0
+    _, full_metrics = asft_loss(logps, mask, sign, pair_ids)
+    loss_empty, metrics = asft_loss(logps, empty, sign, pair_ids)
+    # Expected: pair 0 contributes only its chosen row's NLL and alignment terms; n stays 2 pairs.
+    lbar = logps.mean(1)
+    r = lbar - torch.log1p(-torch.exp(lbar))
+    expected = (-lbar[0] - torch.log(torch.sigmoid(r[0]))
+                - lbar[2] - torch.log(torch.sigmoid(r[2])) - torch.log(torch.sigmoid(-r[3]))) / 2
+    assert loss_empty.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert int(metrics.counts["rewards/margins"]) == 1 and int(metrics.counts["rewards/rejected"]) == 1
+    assert float(metrics["rewards/accuracies"]) == float((lbar[2] > lbar[3]).float())
+    assert float(metrics["log_odds_chosen"]) == pytest.approx(float(r[2] - r[3]), rel=1e-6)
+    assert int(full_metrics.counts["rewards/margins"]) == 2
+
+
+def test_explicit_normalizer_is_used_as_given_even_below_one():
+    logps = torch.tensor([[-1.0, -2.0], [-2.0, -2.5]])
+    args = (torch.ones(2, 2), torch.tensor([1, -1]), torch.tensor([0, 0]))
+    one, _ = asft_loss(logps, *args, normalizer=1.0)
+    half, _ = asft_loss(logps, *args, normalizer=0.5)
+    assert half.item() == pytest.approx(2 * one.item(), rel=1e-6)

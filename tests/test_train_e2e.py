@@ -49,7 +49,7 @@ def test_train_raises_chosen_over_rejected(tiny_assets, tmp_path, method, lora):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra = LORA_KEYS if lora else {}
-    lr = 2e-3 if lora else 1e-3
+    lr = 5e-3 if lora else 1e-3
     cfg = base_config(tiny_assets, tmp_path, method, learning_rate=lr, max_steps=10, **extra)
     proc = run_axolotl("train", cfg, tmp_path)
     run_dir = tmp_path / "run"
