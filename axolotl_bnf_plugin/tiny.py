@@ -52,14 +52,16 @@ def _corpus(rows: list[dict[str, str]]) -> list[str]:
     return texts
 
 
-def build_tokenizer(rows: list[dict[str, str]], vocab_size: int = 512):
+def build_tokenizer(rows: list[dict[str, str]], vocab_size: int = 640):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    # Every byte is in the alphabet, so any text (not just the toy corpus) tokenizes without <unk>.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_corpus(rows), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,

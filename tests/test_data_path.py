@@ -6,7 +6,9 @@ import torch
 from transformers import AutoTokenizer
 
 from axolotl_bnf_plugin.data.collator import ResponseBatchCollator
-from axolotl_bnf_plugin.data.loader import format_report, pair_example
+from axolotl_bnf_plugin.data.adapters import Candidate
+from axolotl_bnf_plugin.data.examples import candidate_example
+from axolotl_bnf_plugin.data.loader import format_report
 from axolotl_bnf_plugin.data.tokenize import LengthPolicy, TokenizedResponse, fit_length, tokenize_response
 
 
@@ -82,12 +84,18 @@ def test_length_policy(strategy, expected):
 
 def test_pair_example_statuses(tokenizer):
     policy = LengthPolicy(64, "drop")
-    ok = pair_example(tokenizer, policy, "Q ", "calm answer", "rude answer")
+
+    def pair_example(prompt, chosen, rejected):
+        return candidate_example(Candidate(prompt, [(chosen, 1), (rejected, -1)], True), tokenizer, None, policy)
+
+    ok = pair_example("Q ", "calm answer", "rude answer")
     assert ok["bnf_status"] == "kept" and ok["response_sign"] == [1, -1] and ok["is_pair"]
     assert ok["length"] == sum(len(x) for x in ok["response_input_ids"])
-    assert pair_example(tokenizer, policy, "Q ", "same", "same")["bnf_status"] == "chosen == rejected"
-    assert pair_example(tokenizer, policy, "Q ", "  ", "x")["bnf_status"] == "empty completion"
-    assert pair_example(tokenizer, policy, "Q " * 80, "a", "b")["bnf_status"] == "too long"
+    assert pair_example("Q ", "same", "same")["bnf_status"] == "chosen == rejected"
+    assert pair_example("Q ", "  ", "x")["bnf_status"] == "empty completion"
+    assert pair_example("Q " * 80, "a", "b")["bnf_status"] == "too long"
+    chat = Candidate([{"role": "user", "content": "hi"}], [({"role": "assistant", "content": "calm"}, 1)], False)
+    assert candidate_example(chat, tokenizer, None, policy)["bnf_status"] == "no chat template"
 
 
 def test_report_table_lists_every_status():

@@ -14,12 +14,14 @@ import math
 import os
 from collections import Counter
 from hashlib import md5
+from functools import partial
 from typing import Any
 
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from axolotl.common.datasets import TrainDatasetMeta
 from axolotl.loaders import load_tokenizer
+from axolotl.utils.chat_templates import get_chat_template_from_config
 from axolotl.utils.data.lock import FileLockLoader
 from axolotl.utils.data.shared import (
     create_train_validation_split,
@@ -32,15 +34,15 @@ from axolotl.utils.data.shared import (
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
 
-from .preference import DatasetFormatError, pairwise_texts, resolve_pairwise_transform
-from .tokenize import LengthPolicy, fit_length, tokenize_response
+from .adapters import Fields, MissingColumns, Skip, adapter_for_type, check_columns, detect_adapter
+from .axolotl_types import DatasetFormatError, axolotl_candidate, resolve_axolotl_transform
+from .examples import KEPT, STATUS, candidate_example, dropped
+from .tokenize import LengthPolicy
 
 LOG = get_logger(__name__)
 
 # Bumped whenever the prepared layout or tokenization changes, so stale caches are never reused.
-PREPARED_FORMAT = "bnf-examples-v1"
-STATUS = "bnf_status"
-KEPT = ("kept", "truncated")
+PREPARED_FORMAT = "bnf-examples-v2"
 EXAMPLE_FEATURES = Features(
     {
         "response_input_ids": Sequence(Sequence(Value("int32"))),
@@ -53,57 +55,33 @@ EXAMPLE_FEATURES = Features(
 )
 
 
-def _dropped(reason: str) -> dict[str, Any]:
-    return {
-        "response_input_ids": [],
-        "response_prompt_len": [],
-        "response_sign": [],
-        "is_pair": False,
-        "length": 0,
-        STATUS: reason,
-    }
+class RowConverter:
+    """Raw row -> example row, for `Dataset.map` (picklable: it may run in worker processes).
 
+    Rows the adapter cannot use become dropped rows with a reason; a row that breaks the data set's
+    contract (a column the format needs is absent) stops preparation with the data set, row and columns.
+    """
 
-def pair_example(tokenizer, policy: LengthPolicy, prompt: str, chosen: str, rejected: str) -> dict[str, Any]:
-    """One pairwise example (chosen first), or a dropped row naming why."""
-    if not chosen.strip() or not rejected.strip():
-        return _dropped("empty completion")
-    if chosen == rejected:
-        return _dropped("chosen == rejected")
-    responses, status = [], "kept"
-    for text in (chosen, rejected):
-        resp, note = fit_length(tokenize_response(tokenizer, prompt, text), policy)
-        if resp is None:
-            return _dropped(note)
-        status = note or status
-        responses.append(resp)
-    return {
-        "response_input_ids": [r.input_ids for r in responses],
-        "response_prompt_len": [r.prompt_len for r in responses],
-        "response_sign": [1, -1],
-        "is_pair": True,
-        "length": sum(len(r.input_ids) for r in responses),
-        STATUS: status,
-    }
+    def __init__(self, to_candidate, tokenizer, chat_template, policy: LengthPolicy, label: str, columns: list[str]):
+        self.to_candidate, self.tokenizer, self.chat_template = to_candidate, tokenizer, chat_template
+        self.policy, self.label, self.columns = policy, label, columns
 
-
-class _RowConverter:
-    """Picklable per-row function for `Dataset.map` (it may run in worker processes)."""
-
-    def __init__(self, transform, tokenizer, policy: LengthPolicy, label: str, columns: list[str]):
-        self.transform, self.tokenizer, self.policy = transform, tokenizer, policy
-        self.label, self.columns = label, columns
-
-    def __call__(self, row: dict[str, Any], idx: int) -> dict[str, Any]:
+    def candidate(self, row: dict[str, Any], idx: int):
         try:
-            prompt, chosen, rejected = pairwise_texts(self.transform, row)
+            return self.to_candidate(row)
         except KeyError as err:
             raise DatasetFormatError(
                 f"{self.label}, row {idx}: missing column {err.args[0]!r}; the data set has columns {self.columns}"
             ) from None
         except DatasetFormatError as err:
             raise DatasetFormatError(f"{self.label}, row {idx}: {err}") from None
-        return pair_example(self.tokenizer, self.policy, prompt, chosen, rejected)
+
+    def __call__(self, row: dict[str, Any], idx: int) -> dict[str, Any]:
+        try:
+            candidate = self.candidate(row, idx)
+        except Skip as skip:
+            return dropped(skip.args[0])
+        return candidate_example(candidate, self.tokenizer, self.chat_template, self.policy)
 
 
 def _load_raw(ds_cfg: dict, cfg) -> Dataset:
@@ -111,6 +89,44 @@ def _load_raw(ds_cfg: dict, cfg) -> Dataset:
     if isinstance(dataset, DatasetDict):
         dataset = dataset[ds_cfg.get("split") or "train"]
     return dataset
+
+
+def _chat_template(cfg, ds_cfg: dict, tokenizer) -> str | None:
+    """The template conversational rows are rendered with: the data set's or the config's
+    `chat_template` choice (Axolotl's names and jinja), else the tokenizer's own; None if there is none."""
+    if not (ds_cfg.get("chat_template") or cfg.chat_template) and not tokenizer.chat_template:
+        return None
+    return get_chat_template_from_config(cfg, ds_cfg=ds_cfg, tokenizer=tokenizer)
+
+
+def candidate_function(cfg, raw_datasets: list[dict], idx: int, tokenizer, columns: list[str], label: str, first_row):
+    """(row -> Candidate, description) for data set `idx`: the plugin's adapter or Axolotl's `type:`."""
+    ds_cfg = raw_datasets[idx]
+    fields = Fields.from_dataset_config(ds_cfg)
+    ds_type = ds_cfg.get("type")
+    try:
+        adapter = adapter_for_type(ds_type) if ds_type else detect_adapter(columns, first_row, fields)
+        if adapter is not None:
+            check_columns(adapter, columns, fields)
+    except (MissingColumns, ValueError) as err:
+        raise DatasetFormatError(f"{label}: {err}; the data set has columns {columns}") from None
+    if adapter is not None:
+        how = f"type bnf.{adapter.name}" if ds_type else "detected"
+        return partial(adapter.convert, fields=fields), how
+    unpaired = fields.label in columns
+    transform = resolve_axolotl_transform(cfg, raw_datasets, idx, tokenizer, unpaired)
+    return partial(axolotl_candidate, transform, unpaired=unpaired, label_key=fields.label), f"type {ds_type}"
+
+
+def _describe_format(converter: RowConverter, raw: Dataset, how: str, label: str) -> None:
+    """Log once per data set how its rows are read (from the first row that converts)."""
+    for idx in range(min(len(raw), 20)):
+        try:
+            LOG.info("%s: %s: %s", label, how, converter.candidate(raw[idx], idx).form)
+            return
+        except Skip:
+            continue
+    LOG.warning("%s: %s, but none of the first rows could be read (see the table at the end)", label, how)
 
 
 def _prepare_split(cfg, tokenizer, raw_datasets: list[dict], split: str) -> tuple[Dataset, list[tuple[str, Counter]]]:
@@ -121,14 +137,16 @@ def _prepare_split(cfg, tokenizer, raw_datasets: list[dict], split: str) -> tupl
         raw = _load_raw(ds_cfg, cfg)
         if len(raw) == 0:
             raise DatasetFormatError(f"{label} is empty")
-        transform = resolve_pairwise_transform(cfg, raw_datasets, idx, tokenizer) if ds_cfg.get("type") else None
-        converter = _RowConverter(transform, tokenizer, policy, label, list(raw.column_names))
+        columns = list(raw.column_names)
+        to_candidate, how = candidate_function(cfg, raw_datasets, idx, tokenizer, columns, label, raw[0])
+        converter = RowConverter(to_candidate, tokenizer, _chat_template(cfg, ds_cfg, tokenizer), policy, label, columns)
+        _describe_format(converter, raw, how, label)
         converted = raw.map(
             converter,
             with_indices=True,
-            remove_columns=raw.column_names,
+            remove_columns=columns,
             features=EXAMPLE_FEATURES,
-            num_proc=cfg.dataset_num_proc if len(raw) > 1000 else None,
+            num_proc=cfg.dataset_num_proc if len(raw) > 5000 else None,
             load_from_cache_file=False,
             desc=f"Tokenizing {label}",
         )
