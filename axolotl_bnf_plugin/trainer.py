@@ -14,16 +14,73 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
 from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.logging import get_logger
 
+from .data.collator import response_rows
 from .losses import asft_loss, bnf_loss
 from .model_io import response_token_logps, unwrap_peft
 
 LOG = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What `batch_loss` needs to know about the method (read from the training arguments)."""
+
+    method: str
+    length_norm: str = "sequence"
+    lam: float = 1.0
+    beta: float = 1.0
+    sft_weight: float = 1.0
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        if self.method not in ("bnf", "asft"):
+            raise ValueError(f"method must be 'bnf' or 'asft', got {self.method!r}")
+
+    @classmethod
+    def from_args(cls, args) -> "LossSettings":
+        return cls(args.bnf_rl, args.bnf_length_norm, args.asft_lambda, args.asft_beta, args.asft_sft_weight,
+                   args.bnf_loss_chunk_size)
+
+
+class DisabledAdapter:
+    """The BNF reference under an adapter: the policy itself with its adapter switched off."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def context(self):
+        return unwrap_peft(self.model).disable_adapter()
+
+
+def batch_loss(model, batch, settings: LossSettings, reference=None, check_head: bool = False):
+    """(loss, metrics) of one collated batch (packed or not) under the configured method.
+
+    `reference` (BNF only) is a frozen model, or a `DisabledAdapter` of the policy; its log-probs of the
+    same tokens come from the same fused op under `no_grad`.
+    """
+    logp, neg_entropy, _ = response_token_logps(model, batch, settings.chunk_size, check_head=check_head)
+    mask, logp, neg_entropy = response_rows(batch, logp, neg_entropy)
+    if settings.method == "asft":
+        return asft_loss(logp, mask, batch["sign"], batch["pair_ids"], lam=settings.lam, beta=settings.beta,
+                         sft_weight=settings.sft_weight)
+    if reference is None:
+        raise ValueError("BNF needs a reference model (or an adapter to disable)")
+    if isinstance(reference, DisabledAdapter):
+        ref_model, ctx = reference.model, reference.context()
+    else:
+        ref_model, ctx = reference, contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        ref_token_logp, _, _ = response_token_logps(ref_model, batch, settings.chunk_size)
+    _, ref_logp = response_rows(batch, ref_token_logp)
+    return bnf_loss(logp, ref_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
+                    length_norm=settings.length_norm)
 
 
 class BNFTrainer(AxolotlTrainer):
@@ -33,9 +90,8 @@ class BNFTrainer(AxolotlTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.method = self.args.bnf_rl
-        if self.method not in ("bnf", "asft"):
-            raise ValueError(f"BNFTrainer needs bnf_rl to be 'bnf' or 'asft', got {self.method!r}")
+        self.settings = LossSettings.from_args(self.args)
+        self.method = self.settings.method
         # The loss is already a per-micro-batch mean; the Trainer must average micro-batches, not re-weight.
         self.model_accepts_loss_kwargs = False
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
@@ -55,34 +111,13 @@ class BNFTrainer(AxolotlTrainer):
         ref.requires_grad_(False)
         return ref
 
-    def _reference_context(self, model):
-        if self.ref_model is not None:
-            return self.ref_model, contextlib.nullcontext()
-        return model, unwrap_peft(model).disable_adapter()
-
-    # ----------------------------------------------------------------------------------- forward
-    def _token_logps(self, model, batch, check_head: bool = False):
-        self._head_checked = self._head_checked or check_head
-        return response_token_logps(model, batch, self.args.bnf_loss_chunk_size, check_head=check_head)
-
     def _loss_and_metrics(self, model, batch):
-        logp, neg_entropy, mask = self._token_logps(model, batch, check_head=not self._head_checked)
-        if self.method == "asft":
-            return asft_loss(
-                logp,
-                mask,
-                batch["sign"],
-                batch["pair_ids"],
-                lam=self.args.asft_lambda,
-                beta=self.args.asft_beta,
-                sft_weight=self.args.asft_sft_weight,
-            )
-        ref_model, ctx = self._reference_context(model)
-        with torch.no_grad(), ctx:
-            ref_logp, _, _ = self._token_logps(ref_model, batch)
-        return bnf_loss(
-            logp, ref_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"], length_norm=self.args.bnf_length_norm
-        )
+        check_head = not self._head_checked
+        self._head_checked = True
+        reference = None
+        if self.method == "bnf":
+            reference = self.ref_model if self.ref_model is not None else DisabledAdapter(model)
+        return batch_loss(model, batch, self.settings, reference=reference, check_head=check_head)
 
     # ----------------------------------------------------------------------------------- Trainer API
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -98,10 +133,11 @@ class BNFTrainer(AxolotlTrainer):
         return loss.detach(), None, None
 
     def _accumulate(self, metrics, split: str):
+        """Add a micro-batch's sums and counts (device tensors: no host sync until logging)."""
         for name, mean in metrics.items():
-            count = metrics.counts[name]
-            self._metric_sums[split][name] += float(mean * count)
-            self._metric_counts[split][name] += float(count)
+            count = metrics.counts[name].detach().double()
+            self._metric_sums[split][name] = self._metric_sums[split][name] + mean.detach().double() * count
+            self._metric_counts[split][name] = self._metric_counts[split][name] + count
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         split = "train" if "loss" in logs else "eval"
@@ -109,11 +145,12 @@ class BNFTrainer(AxolotlTrainer):
         sums, counts = self._metric_sums[split], self._metric_counts[split]
         names = sorted(sums)
         if names:
-            totals = torch.tensor([[sums[n] for n in names], [counts[n] for n in names]], dtype=torch.float64)
+            device = self.accelerator.device
+            totals = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device)
+                                  for x in [sums[n] for n in names] + [counts[n] for n in names]]).view(2, -1)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                totals = totals.to(self.accelerator.device)
                 torch.distributed.all_reduce(totals)
-                totals = totals.cpu()
+            totals = totals.cpu()
             for name, total, count in zip(names, totals[0].tolist(), totals[1].tolist()):
                 if count > 0:
                     logs[prefix + name] = round(total / count, 6)

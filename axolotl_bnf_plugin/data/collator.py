@@ -1,8 +1,16 @@
-"""Batch examples into the per-response layout the BNF/ASFT trainer consumes.
+"""Batch examples into the rows the model sees, and say which response every token belongs to.
 
-Each example contributes its responses as rows; a pair's two rows share a pair id (unique within the
-batch), an unpaired response gets -1. Labels are -100 on prompt and padding tokens, so only completion
-tokens are scored; the trainer shifts them by one position.
+Unpacked (the default), each response is its own row, right-padded, with an attention mask. With
+`sample_packing: true`, Axolotl's multipack sampler hands over bins of examples; all responses of a bin
+are concatenated into one row, and `position_ids` restart at 0 for every response. No attention mask is
+given then, so the model's attention keeps the responses apart (transformers builds a block-diagonal
+causal mask from the position ids; flash-attention uses them as varlen boundaries).
+
+Either way the batch carries, per token, `response_index` (which response, -1 for padding) and, per
+response, its `sign` (+1 / -1) and `pair_ids` (a pair's two responses share an id unique in the batch;
+-1 = unpaired). Labels are -100 on prompt and padding tokens and on the first token of every response
+(which has no predecessor inside its own sequence), so packed and unpacked batches score exactly the
+same tokens.
 """
 from __future__ import annotations
 
@@ -29,30 +37,84 @@ class ResponseBatchCollator:
         if self.pad_id is None:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with; set `special_tokens: {pad_token: ...}`")
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        sequences, prompt_lens, signs, pair_ids = [], [], [], []
-        for idx, example in enumerate(examples):
-            for ids, plen, sign in zip(example["response_input_ids"], example["response_prompt_len"], example["response_sign"]):
-                sequences.append(ids)
-                prompt_lens.append(plen)
-                signs.append(sign)
-                pair_ids.append(idx if example["is_pair"] else -1)
-        width = max(len(s) for s in sequences)
+    def __call__(self, features: list[dict[str, Any]] | list[list[dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        packed = bool(features) and isinstance(features[0], list)
+        bins = features if packed else [[example] for example in features]
+        rows: list[list[tuple[list[int], int, int]]] = []  # per row: (token ids, prompt length, response number)
+        signs, pair_ids = [], []
+        example_number = 0
+        for bin_ in bins:
+            row: list[tuple[list[int], int, int]] = []
+            for example in bin_:
+                pair_id = example_number if example["is_pair"] else -1
+                example_number += 1
+                for ids, plen, sign in zip(example["response_input_ids"], example["response_prompt_len"], example["response_sign"]):
+                    segment = (list(ids), int(plen), len(signs))
+                    signs.append(int(sign))
+                    pair_ids.append(pair_id)
+                    if packed:
+                        row.append(segment)
+                    else:
+                        rows.append([segment])
+            if packed:
+                rows.append(row)
+        return self._tensors(rows, signs, pair_ids, packed)
+
+    def _tensors(self, rows, signs, pair_ids, packed: bool) -> dict[str, torch.Tensor]:
+        width = max(sum(len(ids) for ids, _, _ in row) for row in rows)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        rows = len(sequences)
-        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((rows, width), dtype=torch.long)
-        labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
-        for r, (ids, plen) in enumerate(zip(sequences, prompt_lens)):
-            ids_t = torch.as_tensor(ids, dtype=torch.long)
-            input_ids[r, : len(ids)] = ids_t
-            attention_mask[r, : len(ids)] = 1
-            labels[r, plen : len(ids)] = ids_t[plen:]
-        return {
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        response_index = torch.full(shape, -1, dtype=torch.long)
+        # Padding gets positions of its own (0, 1, ...), so in a packed row it forms a separate block.
+        position_ids = torch.arange(width).repeat(len(rows), 1)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        for r, row in enumerate(rows):
+            start = 0
+            for ids, plen, number in row:
+                stop = start + len(ids)
+                ids_t = torch.as_tensor(ids, dtype=torch.long)
+                input_ids[r, start:stop] = ids_t
+                labels[r, start + max(plen, 1):stop] = ids_t[max(plen, 1):]
+                response_index[r, start:stop] = number
+                position_ids[r, start:stop] = torch.arange(len(ids))
+                attention_mask[r, start:stop] = 1
+                start = stop
+            position_ids[r, start:] = torch.arange(width - start)
+        batch = {
             "input_ids": input_ids,
-            "attention_mask": attention_mask,
             "labels": labels,
+            "position_ids": position_ids,
+            "response_index": response_index,
             "sign": torch.as_tensor(signs, dtype=torch.long),
             "pair_ids": torch.as_tensor(pair_ids, dtype=torch.long),
         }
+        if not packed:
+            batch["attention_mask"] = attention_mask
+        return batch
+
+
+def response_rows(batch: dict[str, torch.Tensor], *token_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Re-lay per-position values `[rows, T]` (position t scores label t + 1) as one row per response.
+
+    Returns `(mask, *values)`, each `[num_responses, T]`, with a response's j-th scored token at its own
+    position j, so packed and unpacked batches give identical `[B, T]` inputs to the losses.
+    Differentiable w.r.t. the values.
+    """
+    labels = batch["labels"]
+    rows, width = labels.shape
+    pad = labels.new_full((rows, 1), -1)
+    target_response = torch.cat([batch["response_index"][:, 1:], pad], dim=1)
+    target_position = torch.cat([batch["position_ids"][:, 1:], pad], dim=1)
+    scored = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1) != IGNORE_INDEX
+    index = (target_response[scored], target_position[scored])
+    num_responses = batch["sign"].shape[0]
+    mask = torch.zeros(num_responses, width, dtype=torch.bool, device=labels.device)
+    mask[index] = True
+    out = [mask]
+    for values in token_values:
+        dense = values.new_zeros(num_responses, width)
+        out.append(dense.index_put(index, values[scored]))
+    return tuple(out)

@@ -63,7 +63,7 @@ def candidate_example(candidate: Candidate, tokenizer, chat_template: str | None
         return dropped("chosen == rejected")
     responses, status = [], "kept"
     for text, _ in completions:
-        resp, note = fit_length(tokenize_response(tokenizer, prompt_text, text), policy)
+        resp, note = fit_length(tokenize_response(tokenizer, prompt_text, text), policy, len(completions))
         if resp is None:
             return dropped(note)
         status = note or status

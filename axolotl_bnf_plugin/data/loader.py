@@ -130,7 +130,7 @@ def _describe_format(converter: RowConverter, raw: Dataset, how: str, label: str
 
 
 def _prepare_split(cfg, tokenizer, raw_datasets: list[dict], split: str) -> tuple[Dataset, list[tuple[str, Counter]]]:
-    policy = LengthPolicy(cfg.sequence_len, cfg.excess_length_strategy)
+    policy = LengthPolicy(cfg.sequence_len, cfg.excess_length_strategy, packing=bool(cfg.sample_packing))
     prepared, report = [], []
     for idx, ds_cfg in enumerate(raw_datasets):
         label = f"{'datasets' if split == 'train' else 'test_datasets'}[{idx}] ({ds_cfg.get('path')})"
@@ -171,7 +171,7 @@ def format_report(report: list[tuple[str, Counter]]) -> str:
 
 def _dataset_hash(cfg, raw_datasets: list[dict], tokenizer) -> str:
     base = generate_dataset_hash_from_config(cfg, [DictDefault(d) for d in raw_datasets], tokenizer.name_or_path)
-    extra = f"{PREPARED_FORMAT}|{cfg.excess_length_strategy}|{cfg.chat_template}|{cfg.bnf_rl}"
+    extra = f"{PREPARED_FORMAT}|{cfg.excess_length_strategy}|{cfg.chat_template}|{cfg.bnf_rl}|{bool(cfg.sample_packing)}"
     return md5(f"{base}|{extra}".encode()).hexdigest()
 
 
@@ -185,6 +185,24 @@ def _load_or_prepare(cfg, tokenizer, raw_datasets: list[dict], split: str) -> Da
     if not cfg.skip_prepare_dataset:
         save_preprocessed_dataset(cfg, dataset, dataset_hash, split)
     return dataset
+
+
+def _total_steps(cfg, train: Dataset) -> int:
+    """Optimiser steps for the run. With packing, Axolotl's own estimate (it builds the multipack
+    sampler over the `length` column), after giving it the supervised-token count it would otherwise
+    read from a `labels` column these examples do not have."""
+    if not cfg.sample_packing:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return math.ceil(len(train) * (cfg.num_epochs or 1) / (cfg.batch_size * world))
+    from axolotl.utils.trainer import calculate_total_num_steps
+
+    if not cfg.total_supervised_tokens:
+        cfg.total_supervised_tokens = sum(
+            len(ids) - plen
+            for ids_list, plens in zip(train["response_input_ids"], train["response_prompt_len"])
+            for ids, plen in zip(ids_list, plens)
+        )
+    return calculate_total_num_steps(cfg, train)
 
 
 def load_bnf_datasets(cfg, preprocess: bool = False) -> TrainDatasetMeta:
@@ -208,7 +226,6 @@ def load_bnf_datasets(cfg, preprocess: bool = False) -> TrainDatasetMeta:
         train, evaluation = loader.load(_load)
     finally:
         loader.cleanup()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    total_steps = math.ceil(len(train) * (cfg.num_epochs or 1) / (cfg.batch_size * world))
+    total_steps = _total_steps(cfg, train)
     LOG.info("BNF/ASFT data: %d training examples, %s eval examples", len(train), len(evaluation) if evaluation else 0)
     return TrainDatasetMeta(train_dataset=train, eval_dataset=evaluation, total_num_steps=total_steps)

@@ -23,15 +23,23 @@ class TokenizedResponse:
 
 
 class LengthPolicy:
-    """`excess_length_strategy`: drop (default), truncate (the completion), or raise."""
+    """`excess_length_strategy`: drop (default), truncate (the completion), or raise.
+
+    Unpacked, `sequence_len` bounds each response (prompt + completion). With sample packing an example
+    is never split across packed rows, so its responses share one row: each gets `sequence_len // k`.
+    """
 
     CHOICES = ("drop", "truncate", "raise")
 
-    def __init__(self, sequence_len: int, strategy: str | None):
+    def __init__(self, sequence_len: int, strategy: str | None, packing: bool = False):
         self.sequence_len = int(sequence_len)
+        self.packing = bool(packing)
         self.strategy = (strategy or "drop").lower()
         if self.strategy not in self.CHOICES:
             raise ValueError(f"excess_length_strategy must be one of {self.CHOICES}, got {strategy!r}")
+
+    def budget(self, num_responses: int) -> int:
+        return self.sequence_len // num_responses if self.packing else self.sequence_len
 
 
 def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
@@ -58,15 +66,17 @@ def tokenize_response(tokenizer, prompt: str, completion: str) -> TokenizedRespo
     return TokenizedResponse(ids, len(prompt_ids))
 
 
-def fit_length(resp: TokenizedResponse, policy: LengthPolicy) -> tuple[TokenizedResponse | None, str | None]:
+def fit_length(resp: TokenizedResponse, policy: LengthPolicy, num_responses: int = 1) -> tuple[TokenizedResponse | None, str | None]:
     """Apply the length policy: (response, None), (truncated response, "truncated"), or (None, reason)."""
-    if len(resp.input_ids) <= policy.sequence_len:
+    budget = policy.budget(num_responses)
+    if len(resp.input_ids) <= budget:
         return resp, None
     if policy.strategy == "raise":
+        where = f"sequence_len={policy.sequence_len}" + (f" shared by {num_responses} packed responses" if policy.packing else "")
         raise ValueError(
-            f"a response is {len(resp.input_ids)} tokens, over sequence_len={policy.sequence_len}; set "
+            f"a response is {len(resp.input_ids)} tokens, over {budget} ({where}); set "
             "`excess_length_strategy: drop` or `truncate` to handle long rows"
         )
-    if policy.strategy == "truncate" and resp.prompt_len < policy.sequence_len:
-        return TokenizedResponse(resp.input_ids[: policy.sequence_len], resp.prompt_len), "truncated"
+    if policy.strategy == "truncate" and resp.prompt_len < budget:
+        return TokenizedResponse(resp.input_ids[:budget], resp.prompt_len), "truncated"
     return None, "too long"

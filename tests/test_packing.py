@@ -1,0 +1,108 @@
+"""Packed batches (several responses per row, position ids restarting per response, no attention mask)
+give the same loss, metrics and gradients as one response per row, for both methods."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from axolotl_bnf_plugin.data.adapters import Candidate
+from axolotl_bnf_plugin.data.collator import ResponseBatchCollator, response_rows
+from axolotl_bnf_plugin.data.examples import candidate_example
+from axolotl_bnf_plugin.data.tokenize import LengthPolicy
+from axolotl_bnf_plugin.tiny import build_model, build_tokenizer, toy_pairs
+from axolotl_bnf_plugin.trainer import LossSettings, batch_loss
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rows = toy_pairs(8, seed=3)
+    tokenizer = build_tokenizer(rows)
+    policy = LengthPolicy(256, "drop")
+
+    def example(candidate):
+        out = candidate_example(candidate, tokenizer, tokenizer.chat_template, policy)
+        assert out["bnf_status"] == "kept"
+        return out
+
+    def chat(row):
+        return [{"role": "system", "content": row["system"]}, {"role": "user", "content": row["question"]}]
+
+    examples = [
+        example(Candidate(chat(rows[0]), [({"role": "assistant", "content": rows[0]["chosen"]}, 1),
+                                          ({"role": "assistant", "content": rows[0]["rejected"]}, -1)], True)),
+        example(Candidate(chat(rows[1]), [({"role": "assistant", "content": rows[1]["rejected"]}, -1)], False)),
+        example(Candidate(rows[2]["question"], [(" " + rows[2]["chosen"], 1), (" " + rows[2]["rejected"], -1)], True)),
+        example(Candidate(chat(rows[3]), [({"role": "assistant", "content": rows[3]["chosen"] * 2}, 1)], False)),
+        example(Candidate(chat(rows[4]), [({"role": "assistant", "content": rows[4]["chosen"]}, 1),
+                                          ({"role": "assistant", "content": rows[4]["rejected"][:20]}, -1)], True)),
+    ]
+    policy_model = build_model(len(tokenizer), seed=1).float()
+    reference = build_model(len(tokenizer), seed=2).float().eval()
+    return tokenizer, examples, policy_model, reference
+
+
+def _run(model, reference, batch, settings):
+    model.zero_grad()
+    loss, metrics = batch_loss(model, batch, settings, reference=reference)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach(), metrics, grads
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("settings", [LossSettings("bnf"), LossSettings("bnf", length_norm="batch_min"),
+                                      LossSettings("asft", lam=0.7, beta=1.3, sft_weight=0.5)],
+                         ids=["bnf", "bnf-batch_min", "asft"])
+def test_packed_equals_unpacked(setup, settings, attn):
+    tokenizer, examples, model, reference = setup
+    model.config._attn_implementation = attn
+    reference.config._attn_implementation = attn
+    collate = ResponseBatchCollator(tokenizer, pad_to_multiple_of=8)
+    unpacked = collate(examples)
+    packed = collate([examples[:2], examples[2:4], examples[4:]])
+    assert packed["input_ids"].shape[0] == 3 and "attention_mask" not in packed
+    assert unpacked["input_ids"].shape[0] == 8
+    assert torch.equal(packed["sign"], unpacked["sign"]) and torch.equal(packed["pair_ids"], unpacked["pair_ids"])
+
+    loss_u, metrics_u, grads_u = _run(model, reference, unpacked, settings)
+    loss_p, metrics_p, grads_p = _run(model, reference, packed, settings)
+    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-6)
+    for name in metrics_u:
+        torch.testing.assert_close(metrics_p[name], metrics_u[name], rtol=1e-5, atol=1e-5)
+        assert torch.equal(metrics_p.counts[name], metrics_u.counts[name])
+    for name in grads_u:
+        torch.testing.assert_close(grads_p[name], grads_u[name], rtol=1e-4, atol=1e-6)
+
+
+def test_packing_without_isolation_would_differ(setup):
+    """The equality above is not vacuous: attending across responses changes the loss."""
+    tokenizer, examples, model, reference = setup
+    model.config._attn_implementation = "sdpa"
+    collate = ResponseBatchCollator(tokenizer)
+    unpacked = collate(examples)
+    leaky = collate([examples[:2], examples[2:4], examples[4:]])
+    leaky["attention_mask"] = (leaky["response_index"] >= 0).long()  # a plain mask: no block boundaries
+    settings = LossSettings("asft")
+    with torch.no_grad():
+        loss_u, _ = batch_loss(model, unpacked, settings)
+        loss_l, _ = batch_loss(model, leaky, settings)
+    assert abs(loss_u.item() - loss_l.item()) > 1e-3
+
+
+def test_response_rows_are_identical_for_both_layouts(setup):
+    tokenizer, examples, _, _ = setup
+    collate = ResponseBatchCollator(tokenizer)
+    unpacked, packed = collate(examples), collate([examples[:3], examples[3:]])
+    values_u = torch.arange(unpacked["labels"].numel(), dtype=torch.float32).view_as(unpacked["labels"])
+    # The value at each position is a function of (response, position-in-response): the same in both layouts.
+    def positional(batch):
+        return (batch["response_index"] * 1000 + batch["position_ids"]).float()
+    mask_u, vals_u = response_rows(unpacked, positional(unpacked))
+    mask_p, vals_p = response_rows(packed, positional(packed))
+    # Rows are as wide as the batch's rows; beyond the longest response both are empty.
+    width = min(mask_u.shape[1], mask_p.shape[1])
+    assert not mask_u[:, width:].any() and not mask_p[:, width:].any()
+    assert torch.equal(mask_u[:, :width], mask_p[:, :width]) and torch.equal(vals_u[:, :width], vals_p[:, :width])
+    lengths = [len(ids) - max(p, 1) for ex in examples for ids, p in zip(ex["response_input_ids"], ex["response_prompt_len"])]
+    assert mask_u.sum(1).tolist() == lengths
+    assert values_u.shape == unpacked["labels"].shape
