@@ -3,8 +3,9 @@
 Used by the demo and the end-to-end tests (no model hub is needed): `python -m axolotl_bnf_plugin.tiny
 OUT_DIR` writes `OUT_DIR/model` (a randomly initialised Llama-architecture model with a chatml chat
 template), `OUT_DIR/pairs_intel.jsonl` (Intel/orca_dpo_pairs columns: system, question, chosen,
-rejected) and `OUT_DIR/pairs_messages.jsonl` (chat_template.default columns: messages, chosen,
-rejected). Preferred answers use one word family and dispreferred ones another, so a working
+rejected), `OUT_DIR/pairs_messages.jsonl` (chat_template.default columns: messages, chosen,
+rejected), `OUT_DIR/unpaired.jsonl` (prompt / completion messages / boolean label) and
+`OUT_DIR/sft_alpaca.jsonl` (instruction / input / output, positives only). Preferred answers use one word family and dispreferred ones another, so a working
 preference method must raise the chosen log-likelihood relative to the rejected one.
 """
 from __future__ import annotations
@@ -119,6 +120,15 @@ def build_assets(out_dir: str | Path, n_rows: int = 64, seed: int = 0, tie: bool
                 "rejected": {"role": "assistant", "content": row["rejected"]},
             }
             f.write(json.dumps(message_row) + "\n")
+    with open(out / "unpaired.jsonl", "w", encoding="utf-8") as f:  # TRL conversational unpaired preference
+        for i, row in enumerate(rows):
+            good = i % 2 == 0
+            f.write(json.dumps({"prompt": [{"role": "user", "content": row["question"]}],
+                                "completion": [{"role": "assistant", "content": row["chosen" if good else "rejected"]}],
+                                "label": good}) + "\n")
+    with open(out / "sft_alpaca.jsonl", "w", encoding="utf-8") as f:  # positives only
+        for row in rows:
+            f.write(json.dumps({"instruction": row["question"], "input": "", "output": row["chosen"]}) + "\n")
     return out
 
 

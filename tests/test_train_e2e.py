@@ -92,3 +92,27 @@ def test_preprocess_then_train_reuses_prepared_data(tiny_assets, tmp_path):
     out = train.stdout + train.stderr
     assert "Loading prepared dataset from disk" in out
     assert "rows by outcome" not in out
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("method", ["bnf", "asft"])
+def test_mixed_pairwise_unpaired_sft_run(tiny_assets, tmp_path, method, packing):
+    datasets = [
+        {"path": str(tiny_assets / "pairs_intel.jsonl"), "ds_type": "json"},
+        {"path": str(tiny_assets / "unpaired.jsonl"), "ds_type": "json"},
+        {"path": str(tiny_assets / "sft_alpaca.jsonl"), "ds_type": "json", "type": "bnf.sft"},
+    ]
+    extra = {"sample_packing": True, "sequence_len": 256} if packing else {}
+    cfg = base_config(tiny_assets, tmp_path, method, datasets=datasets, max_steps=6, **extra)
+    proc = run_axolotl("train", cfg, tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "detected: pairwise, prompt from 'question'" in out
+    assert "detected: unpaired, prompt from 'prompt'" in out
+    assert "type bnf.sft: positives-only alpaca" in out
+    assert "rows by outcome" in out
+    history = [json.loads(line) for line in (tmp_path / "run" / LOG_HISTORY_FILE).read_text().splitlines()]
+    train_logs = [r for r in history if "loss" in r]
+    assert len(train_logs) == 6
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_logs)
+    # Unpaired and positives-only rows make chosen responses outnumber rejected ones.
+    assert {"rewards/chosen", "rewards/rejected", "logps/chosen"} <= set(train_logs[-1])
