@@ -19,6 +19,15 @@ AXOLOTL_ENV = {
 for _key, _value in AXOLOTL_ENV.items():
     os.environ.setdefault(_key, _value)
 
+# Without a GPU, Triton kernels can only run in its interpreter (set before any kernel is defined).
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
 CPU_KEYS = {"fp16": False, "bf16": False, "tf32": False}
 LORA_KEYS = {
     "adapter": "lora",
@@ -73,7 +82,7 @@ def run_axolotl(command: str, cfg: dict, workdir: Path, check: bool = True) -> s
     proc = subprocess.run(
         [str(axolotl), command, str(path)],
         cwd=workdir,
-        env={**os.environ, **AXOLOTL_ENV},
+        env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **AXOLOTL_ENV},
         capture_output=True,
         text=True,
         timeout=600,

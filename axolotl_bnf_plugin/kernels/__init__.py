@@ -4,15 +4,20 @@
 (differentiable w.r.t. hidden, weight and bias) and `neg_entropy = sum_v p_v log p_v` (value only),
 where `z = transform(hidden @ weight.T + bias)`. Rows labelled `ignore_index` are removed before any
 matmul, get 0 for both outputs and a zero gradient, so prompt and padding tokens cost nothing.
+
+Two implementations share one chunked driver (`chunked.py`): `torch` (runs everywhere) and `triton`
+(CUDA; on CPU only under TRITON_INTERPRET=1, for tests). `impl="auto"` takes Triton on CUDA.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from .chunked import IMPLS, token_logprobs_op
 from .logit_transform import LogitTransform
-from .torch_chunked import token_logprobs_torch
 
-__all__ = ["token_logprobs", "default_chunk_size", "LogitTransform", "DEFAULT_WORKSPACE_BYTES"]
+__all__ = ["token_logprobs", "default_chunk_size", "resolve_impl", "LogitTransform", "DEFAULT_WORKSPACE_BYTES"]
 
 # Bytes one `[chunk, V]` block may take (fp32 logits plus the matmul's own output in the input dtype).
 DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -25,6 +30,26 @@ def default_chunk_size(vocab_size: int, dtype: torch.dtype, workspace_bytes: int
     return int(rows // 16 * 16)
 
 
+def triton_available(device: torch.device) -> bool:
+    """Triton kernels can run here: on CUDA, or anywhere under TRITON_INTERPRET=1."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """`auto` -> `triton` on CUDA when Triton is installed, else `torch`; an explicit choice is checked."""
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be 'auto' or one of {IMPLS}, got {impl!r}")
+    if impl == "triton" and not triton_available(device):
+        raise ValueError(f"impl='triton' needs CUDA (or TRITON_INTERPRET=1 for tests); inputs are on {device}")
+    return impl
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -34,6 +59,8 @@ def token_logprobs(
     chunk_size: int | None = None,
     softcap: float | None = None,
     scale: float | None = None,
+    impl: str = "auto",
+    row_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row label log-prob and negative entropy of `softcap(scale * (hidden @ weight.T + bias))`.
 
@@ -45,6 +72,10 @@ def token_logprobs(
         chunk_size: rows per logits block; default from `default_chunk_size`.
         softcap: Gemma-style final logit soft-capping value.
         scale: multiplier on the projection (Cohere `logit_scale`, `1 / logits_scaling` for Granite).
+        impl: "auto", "torch" or "triton".
+        row_index: the indices of the scored rows, when the caller knows them (e.g. computed on the CPU
+            by a data collator). The op then needs no device-to-host synchronisation at all; otherwise it
+            finds them with `nonzero` (one sync) and checks the labels are in the vocabulary.
 
     Returns:
         `(logp, neg_entropy)`, both fp32 `[N]`; `neg_entropy` carries no gradient.
@@ -64,17 +95,30 @@ def token_logprobs(
         chunk_size = default_chunk_size(v, hidden.dtype)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    transform = LogitTransform(scale=scale, softcap=softcap)
+    LogitTransform(scale=scale, softcap=softcap)  # validates the values
+    impl = resolve_impl(impl, hidden.device)
 
     labels = labels.long()
-    rows = (labels != ignore_index).nonzero().squeeze(1)
-    scored = labels.index_select(0, rows)
-    if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= v):
-        bad = scored[(scored < 0) | (scored >= v)][0].item()
-        raise ValueError(f"label {bad} is outside the vocabulary [0, {v}) and is not ignore_index={ignore_index}")
-    if rows.numel() == n:
-        return token_logprobs_torch(hidden, weight, labels, bias, transform, chunk_size)
-    logp_s, neg_entropy_s = token_logprobs_torch(hidden.index_select(0, rows), weight, scored, bias, transform, chunk_size)
-    logp = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_copy(0, rows, logp_s)
-    neg_entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_copy(0, rows, neg_entropy_s)
+    if row_index is None:
+        row_index = (labels != ignore_index).nonzero().squeeze(1)
+        scored = labels.index_select(0, row_index)
+        if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= v):
+            bad = scored[(scored < 0) | (scored >= v)][0].item()
+            raise ValueError(f"label {bad} is outside the vocabulary [0, {v}) and is not ignore_index={ignore_index}")
+    else:
+        scored = labels.index_select(0, row_index)
+
+    # Under autocast, compute in the autocast dtype (as the model's own lm_head would).
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    elif hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logp_s, neg_entropy_s, _ = token_logprobs_op(
+            hidden.index_select(0, row_index), weight, bias, scored, scale, softcap, chunk_size, impl
+        )
+    logp = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_copy(0, row_index, logp_s)
+    neg_entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_copy(0, row_index, neg_entropy_s.detach())
     return logp, neg_entropy

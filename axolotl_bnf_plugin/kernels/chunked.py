@@ -1,0 +1,147 @@
+"""The chunked linear + log-prob op, registered as a PyTorch custom op with its own backward.
+
+Per block of `chunk` token rows: one matmul gives the `[chunk, V]` raw logits (in the inputs' dtype,
+fp32 accumulation inside the GEMM); the back-end's row kernel reduces them to per-row statistics
+(forward) or overwrites them with d logits (backward), which then feed the two backward matmuls
+`dH = dZ @ W` and `dW += dZ^T @ H` (accumulated in fp32). Only one block exists at a time; the forward
+saves one fp32 log-sum-exp per row, and the backward recomputes the block. `d weight` / `d bias` are
+skipped when not needed (a frozen output embedding, as under LoRA).
+
+As a `torch.library.custom_op`, the whole op is one opaque node to `torch.compile` (no graph break,
+no tracing of the chunk loop) and runs no host synchronisation: the row count is a shape.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from .logit_transform import LogitTransform
+
+IMPLS = ("torch", "triton")
+
+
+def row_ops(impl: str):
+    """The module providing `stats` / `dlogits_` for an implementation name."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return importlib.import_module(f"{__package__}.{impl}_rows")
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result: cuBLAS writes fp32 directly from half inputs; elsewhere, upcast."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl):
+    ops, transform = row_ops(impl), LogitTransform(scale=scale, softcap=softcap)
+    n = labels.shape[0]
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    neg_entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        block = torch.nn.functional.linear(hidden[start:stop], weight, bias)
+        lse_c, z_y, expected_z = ops.stats(block, labels[start:stop], transform)
+        del block
+        lse[start:stop] = lse_c
+        logp[start:stop] = z_y - lse_c
+        neg_entropy[start:stop] = expected_z - lse_c
+    return logp, neg_entropy, lse
+
+
+def _backward(grad_logp, hidden, weight, bias, labels, lse, scale, softcap, chunk_size, impl, need_h, need_w, need_b):
+    ops, transform = row_ops(impl), LogitTransform(scale=scale, softcap=softcap)
+    n = labels.shape[0]
+    # Unneeded gradients are distinct empty tensors (a custom op's outputs may not alias each other).
+    grad_h = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+    grad_logp = grad_logp.float()
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        h_c = hidden[start:stop]
+        block = torch.nn.functional.linear(h_c, weight, bias)
+        ops.dlogits_(block, labels[start:stop], lse[start:stop], grad_logp[start:stop], transform)
+        if need_h:
+            grad_h[start:stop] = (block @ weight).to(hidden.dtype)
+        if need_w:
+            grad_w += _mm_fp32(block.t(), h_c.to(block.dtype))
+        if need_b:
+            grad_b += block.float().sum(0)
+        del block
+    return (grad_h, grad_w.to(weight.dtype) if need_w else weight.new_empty(0),
+            grad_b.to(weight.dtype) if need_b else weight.new_empty(0))
+
+
+@torch.library.custom_op("axolotl_bnf::token_logprobs", mutates_args=())
+def token_logprobs_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    scale: Optional[float],
+    softcap: Optional[float],
+    chunk_size: int,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, neg_entropy, lse) for rows that are all scored; see `kernels.token_logprobs`."""
+    return _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl)
+
+
+@token_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, scale, softcap, chunk_size, impl):
+    out = hidden.new_empty(labels.shape[0], dtype=torch.float32)
+    return out, torch.empty_like(out), torch.empty_like(out)
+
+
+@torch.library.custom_op("axolotl_bnf::token_logprobs_backward", mutates_args=())
+def token_logprobs_backward_op(
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    scale: Optional[float],
+    softcap: Optional[float],
+    chunk_size: int,
+    impl: str,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. (hidden, weight, bias); an unneeded one is an empty tensor."""
+    return _backward(grad_logp, hidden, weight, bias, labels, lse, scale, softcap, chunk_size, impl,
+                     need_h, need_w, need_b)
+
+
+@token_logprobs_backward_op.register_fake
+def _(grad_logp, hidden, weight, bias, labels, lse, scale, softcap, chunk_size, impl, need_h, need_w, need_b):
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else weight.new_empty(0),
+            weight.new_empty(weight.shape[0]) if need_b else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, scale, softcap, chunk_size, impl = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[2])
+    ctx.options = (scale, softcap, chunk_size, impl)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _autograd_backward(ctx, grad_logp, _grad_neg_entropy, _grad_lse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_h, grad_w, grad_b = token_logprobs_backward_op(
+        grad_logp, hidden, weight, bias, labels, lse, *ctx.options, need_h, need_w, bool(need_b and bias is not None)
+    )
+    return (grad_h if need_h else None, grad_w if need_w else None, grad_b if need_b else None,
+            None, None, None, None, None)
+
+
+token_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_context)
