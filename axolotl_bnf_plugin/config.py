@@ -70,6 +70,13 @@ class BNFArgs(BaseModel):
             "256 MiB workspace for the model's vocabulary."
         },
     )
+    bnf_kernel_impl: Literal["auto", "torch", "triton"] = Field(
+        default="auto",
+        json_schema_extra={
+            "description": "Implementation of the fused log-prob op: auto (Triton on CUDA, else PyTorch), "
+            "torch, or triton."
+        },
+    )
     bnf_datasets: list[dict[str, Any]] | None = Field(
         default=None, json_schema_extra={"description": "Verbatim copy of `datasets:` kept by the plugin."}
     )

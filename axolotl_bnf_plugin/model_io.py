@@ -107,7 +107,8 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return captured[0], getattr(outputs, "logits", None)
 
 
-def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None, check_head: bool = False):
+def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
+                         check_head: bool = False, impl: str = "auto"):
     """Per-token (logp, neg_entropy, scored mask), each `[R, L]`, of every row's own next tokens.
 
     Position t scores label t + 1 (the usual causal shift); only tokens whose label is not -100 are
@@ -130,6 +131,8 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
         chunk_size=chunk_size,
         softcap=head.transform.softcap,
         scale=head.transform.scale,
+        impl=impl,
+        row_index=batch.get("scored_index"),
     )
     return logp.view(rows, length), neg_entropy.view(rows, length), targets != IGNORE_INDEX
 

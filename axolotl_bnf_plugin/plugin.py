@@ -32,6 +32,7 @@ class BNFPlugin(BasePlugin):
             "asft_beta": cfg.asft_beta,
             "asft_sft_weight": cfg.asft_sft_weight,
             "bnf_loss_chunk_size": cfg.bnf_loss_chunk_size,
+            "bnf_kernel_impl": cfg.bnf_kernel_impl,
             # The collator needs the example columns (signs, pairs), not just the model's inputs.
             "remove_unused_columns": False,
         }

@@ -38,6 +38,7 @@ class LossSettings:
     beta: float = 1.0
     sft_weight: float = 1.0
     chunk_size: int | None = None
+    impl: str = "auto"
 
     def __post_init__(self):
         if self.method not in ("bnf", "asft"):
@@ -46,7 +47,7 @@ class LossSettings:
     @classmethod
     def from_args(cls, args) -> "LossSettings":
         return cls(args.bnf_rl, args.bnf_length_norm, args.asft_lambda, args.asft_beta, args.asft_sft_weight,
-                   args.bnf_loss_chunk_size)
+                   args.bnf_loss_chunk_size, args.bnf_kernel_impl)
 
 
 class DisabledAdapter:
@@ -65,7 +66,8 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
     `reference` (BNF only) is a frozen model, or a `DisabledAdapter` of the policy; its log-probs of the
     same tokens come from the same fused op under `no_grad`.
     """
-    logp, neg_entropy, _ = response_token_logps(model, batch, settings.chunk_size, check_head=check_head)
+    logp, neg_entropy, _ = response_token_logps(model, batch, settings.chunk_size, check_head=check_head,
+                                                impl=settings.impl)
     mask, logp, neg_entropy = response_rows(batch, logp, neg_entropy)
     if settings.method == "asft":
         return asft_loss(logp, mask, batch["sign"], batch["pair_ids"], lam=settings.lam, beta=settings.beta,
@@ -77,7 +79,7 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
     else:
         ref_model, ctx = reference, contextlib.nullcontext()
     with torch.no_grad(), ctx:
-        ref_token_logp, _, _ = response_token_logps(ref_model, batch, settings.chunk_size)
+        ref_token_logp, _, _ = response_token_logps(ref_model, batch, settings.chunk_size, impl=settings.impl)
     _, ref_logp = response_rows(batch, ref_token_logp)
     return bnf_loss(logp, ref_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
                     length_norm=settings.length_norm)

@@ -16,3 +16,4 @@ class BNFTrainingArgsMixin:
     asft_beta: float = field(default=1.0, metadata={"help": "ASFT beta"})
     asft_sft_weight: float = field(default=1.0, metadata={"help": "ASFT c_sft"})
     bnf_loss_chunk_size: int | None = field(default=None, metadata={"help": "rows per logits block"})
+    bnf_kernel_impl: str = field(default="auto", metadata={"help": "auto, torch or triton"})

@@ -30,7 +30,8 @@ def test_translation_leaves_other_methods_alone(rl):
 @pytest.mark.parametrize(
     "key,value",
     [("bnf_length_norm", "tokens"), ("asft_lambda", "big"), ("asft_lambda", -1.0), ("asft_beta", 0.0),
-     ("asft_sft_weight", -0.5), ("bnf_loss_chunk_size", 0), ("bnf_loss_chunk_size", "auto")],
+     ("asft_sft_weight", -0.5), ("bnf_loss_chunk_size", 0), ("bnf_loss_chunk_size", "auto"),
+     ("bnf_kernel_impl", "cuda")],
 )
 def test_args_model_rejects_bad_values_naming_the_key(key, value):
     with pytest.raises(ValueError, match=key):

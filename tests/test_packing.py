@@ -106,3 +106,21 @@ def test_response_rows_are_identical_for_both_layouts(setup):
     lengths = [len(ids) - max(p, 1) for ex in examples for ids, p in zip(ex["response_input_ids"], ex["response_prompt_len"])]
     assert mask_u.sum(1).tolist() == lengths
     assert values_u.shape == unpacked["labels"].shape
+
+
+def test_triton_and_torch_give_the_same_training_loss(setup):
+    """The whole trainer loss (policy + reference, packed batch) through both kernel implementations."""
+    from axolotl_bnf_plugin.kernels import triton_available
+
+    if not triton_available(torch.device("cpu")) and not torch.cuda.is_available():
+        pytest.skip("Triton cannot run here")
+    tokenizer, examples, model, reference = setup
+    model.config._attn_implementation = reference.config._attn_implementation = "sdpa"
+    packed = ResponseBatchCollator(tokenizer)([examples[:3], examples[3:]])
+    loss_t, metrics_t, grads_t = _run(model, reference, packed, LossSettings("bnf", impl="torch", chunk_size=64))
+    loss_x, metrics_x, grads_x = _run(model, reference, packed, LossSettings("bnf", impl="triton", chunk_size=64))
+    torch.testing.assert_close(loss_x, loss_t, rtol=1e-5, atol=1e-6)
+    for name in metrics_t:
+        torch.testing.assert_close(metrics_x[name], metrics_t[name], rtol=1e-5, atol=1e-5)
+    for name in grads_t:
+        torch.testing.assert_close(grads_x[name], grads_t[name], rtol=1e-4, atol=1e-6)

@@ -83,9 +83,13 @@ class ResponseBatchCollator:
                 attention_mask[r, start:stop] = 1
                 start = stop
             position_ids[r, start:] = torch.arange(width - start)
+        # Flat indices of the positions that score a label (position t scores label t + 1), computed
+        # here on the CPU so the fused op and the re-layout need no device-to-host synchronisation.
+        scored_index = (labels[:, 1:] != IGNORE_INDEX).nonzero()
         batch = {
             "input_ids": input_ids,
             "labels": labels,
+            "scored_index": scored_index[:, 0] * width + scored_index[:, 1],
             "position_ids": position_ids,
             "response_index": response_index,
             "sign": torch.as_tensor(signs, dtype=torch.long),
@@ -103,18 +107,15 @@ def response_rows(batch: dict[str, torch.Tensor], *token_values: torch.Tensor) -
     position j, so packed and unpacked batches give identical `[B, T]` inputs to the losses.
     Differentiable w.r.t. the values.
     """
-    labels = batch["labels"]
-    rows, width = labels.shape
-    pad = labels.new_full((rows, 1), -1)
-    target_response = torch.cat([batch["response_index"][:, 1:], pad], dim=1)
-    target_position = torch.cat([batch["position_ids"][:, 1:], pad], dim=1)
-    scored = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1) != IGNORE_INDEX
-    index = (target_response[scored], target_position[scored])
+    rows, width = batch["labels"].shape
+    scored = batch["scored_index"]
+    # The label scored at flat position i sits at i + 1: its response and its position in that response.
+    index = (batch["response_index"].view(-1)[scored + 1], batch["position_ids"].view(-1)[scored + 1])
     num_responses = batch["sign"].shape[0]
-    mask = torch.zeros(num_responses, width, dtype=torch.bool, device=labels.device)
+    mask = torch.zeros(num_responses, width, dtype=torch.bool, device=scored.device)
     mask[index] = True
     out = [mask]
     for values in token_values:
         dense = values.new_zeros(num_responses, width)
-        out.append(dense.index_put(index, values[scored]))
+        out.append(dense.index_put(index, values.reshape(-1)[scored]))
     return tuple(out)
