@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 METHODS = ("bnf", "asft")
 DATASET_KEYS = (("datasets", "bnf_datasets"), ("test_datasets", "bnf_test_datasets"))
@@ -77,9 +77,22 @@ class BNFArgs(BaseModel):
             "torch, or triton."
         },
     )
+    bnf_precompute_ref: bool = Field(
+        default=False,
+        json_schema_extra={
+            "description": "BNF: compute the reference log-probs once before training (with the fused op) and "
+            "store them with the prepared data, so training holds no reference model."
+        },
+    )
     bnf_datasets: list[dict[str, Any]] | None = Field(
         default=None, json_schema_extra={"description": "Verbatim copy of `datasets:` kept by the plugin."}
     )
     bnf_test_datasets: list[dict[str, Any]] | None = Field(
         default=None, json_schema_extra={"description": "Verbatim copy of `test_datasets:` kept by the plugin."}
     )
+
+    @model_validator(mode="after")
+    def _options_apply_to_method(self):
+        if self.bnf_precompute_ref and self.bnf_rl == "asft":
+            raise ValueError("bnf_precompute_ref applies to rl: bnf only: ASFT uses no reference model")
+        return self

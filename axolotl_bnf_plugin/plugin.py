@@ -33,6 +33,7 @@ class BNFPlugin(BasePlugin):
             "asft_sft_weight": cfg.asft_sft_weight,
             "bnf_loss_chunk_size": cfg.bnf_loss_chunk_size,
             "bnf_kernel_impl": cfg.bnf_kernel_impl,
+            "bnf_precompute_ref": bool(cfg.bnf_precompute_ref),
             # The collator needs the example columns (signs, pairs), not just the model's inputs.
             "remove_unused_columns": False,
         }
@@ -57,6 +58,12 @@ class BNFPlugin(BasePlugin):
         from .data.collator import ResponseBatchCollator
 
         return ResponseBatchCollator, {}
+
+    def post_trainer_create(self, cfg, trainer):
+        if cfg.bnf_rl == "bnf" and cfg.bnf_precompute_ref:
+            from axolotl.common.const import DEFAULT_DATASET_PREPARED_PATH
+
+            trainer.attach_reference_logps(cfg.dataset_prepared_path or DEFAULT_DATASET_PREPARED_PATH)
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         if not cfg.bnf_rl:

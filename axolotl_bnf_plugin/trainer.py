@@ -21,7 +21,7 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.logging import get_logger
 
-from .data.collator import response_rows
+from .data.collator import ResponseBatchCollator, response_rows
 from .losses import asft_loss, bnf_loss
 from .model_io import response_token_logps, unwrap_peft
 
@@ -72,6 +72,10 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
     if settings.method == "asft":
         return asft_loss(logp, mask, batch["sign"], batch["pair_ids"], lam=settings.lam, beta=settings.beta,
                          sft_weight=settings.sft_weight)
+    if "ref_logps" in batch:  # precomputed once before training (bnf_precompute_ref)
+        _, ref_logp = response_rows(batch, batch["ref_logps"])
+        return bnf_loss(logp, ref_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
+                        length_norm=settings.length_norm)
     if reference is None:
         raise ValueError("BNF needs a reference model (or an adapter to disable)")
     if isinstance(reference, DisabledAdapter):
@@ -100,7 +104,8 @@ class BNFTrainer(AxolotlTrainer):
         self._metric_counts = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._head_checked = False
         self.ref_model = None
-        if self.method == "bnf":
+        self.precomputed_reference = bool(getattr(self.args, "bnf_precompute_ref", False))
+        if self.method == "bnf" and not self.precomputed_reference:
             self.ref_model = self._make_reference()
 
     # ----------------------------------------------------------------------------------- reference
@@ -113,11 +118,27 @@ class BNFTrainer(AxolotlTrainer):
         ref.requires_grad_(False)
         return ref
 
+    def attach_reference_logps(self, cache_dir) -> None:
+        """bnf_precompute_ref: score every train / eval response once with the initial policy."""
+        from .reference import with_reference_logps
+
+        collator = ResponseBatchCollator(self.processing_class)
+        options = dict(batch_size=self.args.per_device_eval_batch_size, device=self.args.device, cache_dir=cache_dir,
+                       chunk_size=self.settings.chunk_size, impl=self.settings.impl)
+        self.train_dataset = with_reference_logps(self.train_dataset, self.model, collator, split="train", **options)
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {k: with_reference_logps(v, self.model, collator, split=f"eval/{k}", **options)
+                                 for k, v in self.eval_dataset.items()}
+        elif self.eval_dataset is not None:
+            self.eval_dataset = with_reference_logps(self.eval_dataset, self.model, collator, split="eval", **options)
+
     def _loss_and_metrics(self, model, batch):
         check_head = not self._head_checked
         self._head_checked = True
         reference = None
-        if self.method == "bnf":
+        if self.method == "bnf" and "ref_logps" not in batch:
+            if self.precomputed_reference:
+                raise RuntimeError("bnf_precompute_ref is set but the batch has no reference log-probs")
             reference = self.ref_model if self.ref_model is not None else DisabledAdapter(model)
         return batch_loss(model, batch, self.settings, reference=reference, check_head=check_head)
 

@@ -17,3 +17,4 @@ class BNFTrainingArgsMixin:
     asft_sft_weight: float = field(default=1.0, metadata={"help": "ASFT c_sft"})
     bnf_loss_chunk_size: int | None = field(default=None, metadata={"help": "rows per logits block"})
     bnf_kernel_impl: str = field(default="auto", metadata={"help": "auto, torch or triton"})
+    bnf_precompute_ref: bool = field(default=False, metadata={"help": "precomputed BNF reference"})

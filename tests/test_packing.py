@@ -124,3 +124,40 @@ def test_triton_and_torch_give_the_same_training_loss(setup):
         torch.testing.assert_close(metrics_x[name], metrics_t[name], rtol=1e-5, atol=1e-5)
     for name in grads_t:
         torch.testing.assert_close(grads_x[name], grads_t[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_precomputed_reference_equals_live_reference(setup, packed):
+    """bnf_precompute_ref: the initial policy's log-probs, stored per response, give the live loss."""
+    import copy
+
+    from datasets import Dataset
+
+    from axolotl_bnf_plugin.reference import REF_COLUMN, with_reference_logps
+
+    tokenizer, examples, model, _ = setup
+    model.config._attn_implementation = "sdpa"
+    collate = ResponseBatchCollator(tokenizer)
+    dataset = Dataset.from_list(examples)
+    with_ref = with_reference_logps(dataset, model, collate, batch_size=2, device="cpu", cache_dir=None)
+    assert [len(r) for r in with_ref[REF_COLUMN]] == [len(e["response_sign"]) for e in examples]
+    # The policy moves away from its initial weights (as after some training), so that margins are not
+    # exactly zero and knife-edge metrics (accuracy of a zero margin) compare meaningfully.
+    frozen = copy.deepcopy(model).eval()
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    rows = list(with_ref)
+    batch_pre = collate([rows[:2], rows[2:]] if packed else rows)
+    batch_live = collate([examples[:2], examples[2:]] if packed else examples)
+    assert "ref_logps" in batch_pre and "ref_logps" not in batch_live
+    settings = LossSettings("bnf")
+    loss_pre, metrics_pre, grads_pre = _run(policy, None, batch_pre, settings)
+    loss_live, metrics_live, grads_live = _run(policy, frozen, batch_live, settings)
+    assert float(metrics_live["rewards/margins"]) != 0.0
+    torch.testing.assert_close(loss_pre, loss_live, rtol=1e-5, atol=1e-6)
+    for name in metrics_live:
+        torch.testing.assert_close(metrics_pre[name], metrics_live[name], rtol=1e-4, atol=1e-5)
+    for name in grads_live:
+        torch.testing.assert_close(grads_pre[name], grads_live[name], rtol=1e-4, atol=1e-6)

@@ -116,3 +116,32 @@ def test_mixed_pairwise_unpaired_sft_run(tiny_assets, tmp_path, method, packing)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_logs)
     # Unpaired and positives-only rows make chosen responses outnumber rejected ones.
     assert {"rewards/chosen", "rewards/rejected", "logps/chosen"} <= set(train_logs[-1])
+
+
+def test_precomputed_reference_run_matches_live_reference_run(tiny_assets, tmp_path):
+    """Same seed and data: training with bnf_precompute_ref follows the live-reference loss trajectory,
+    holds no reference copy, and a second run reuses the cached reference log-probs."""
+    def losses(run_dir):
+        history = [json.loads(line) for line in (run_dir / LOG_HISTORY_FILE).read_text().splitlines()]
+        return [r["loss"] for r in history if "loss" in r], [r["rewards/margins"] for r in history if "loss" in r]
+
+    live_cfg = base_config(tiny_assets, tmp_path / "live", "bnf", max_steps=6)
+    run_axolotl("train", live_cfg, tmp_path / "live")
+    pre_cfg = base_config(tiny_assets, tmp_path / "pre", "bnf", max_steps=6, bnf_precompute_ref=True)
+    first = run_axolotl("train", pre_cfg, tmp_path / "pre")
+    out = first.stdout + first.stderr
+    assert "scoring" in out and "frozen copy" not in out
+    live_loss, live_margin = losses(tmp_path / "live" / "run")
+    pre_loss, pre_margin = losses(tmp_path / "pre" / "run")
+    assert len(live_loss) == len(pre_loss) == 6
+    for a, b in zip(live_loss + live_margin, pre_loss + pre_margin):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-4), (live_loss, pre_loss)
+    second = run_axolotl("train", pre_cfg, tmp_path / "pre")
+    assert "loaded from" in second.stdout + second.stderr
+
+
+def test_precompute_ref_with_asft_is_rejected(tiny_assets, tmp_path):
+    proc = run_axolotl("train", base_config(tiny_assets, tmp_path, "asft", bnf_precompute_ref=True), tmp_path,
+                       check=False)
+    assert proc.returncode != 0
+    assert "bnf_precompute_ref applies to rl: bnf only" in proc.stdout + proc.stderr

@@ -6,7 +6,8 @@ are concatenated into one row, and `position_ids` restart at 0 for every respons
 given then, so the model's attention keeps the responses apart (transformers builds a block-diagonal
 causal mask from the position ids; flash-attention uses them as varlen boundaries).
 
-Either way the batch carries, per token, `response_index` (which response, -1 for padding) and, per
+With `bnf_precompute_ref`, examples also carry their responses' reference log-probs, laid out like the
+labels in `ref_logps`. Either way the batch carries, per token, `response_index` (which response, -1 for padding) and, per
 response, its `sign` (+1 / -1) and `pair_ids` (a pair's two responses share an id unique in the batch;
 -1 = unpaired). Labels are -100 on prompt and padding tokens and on the first token of every response
 (which has no predecessor inside its own sequence), so packed and unpacked batches score exactly the
@@ -40,16 +41,18 @@ class ResponseBatchCollator:
     def __call__(self, features: list[dict[str, Any]] | list[list[dict[str, Any]]]) -> dict[str, torch.Tensor]:
         packed = bool(features) and isinstance(features[0], list)
         bins = features if packed else [[example] for example in features]
-        rows: list[list[tuple[list[int], int, int]]] = []  # per row: (token ids, prompt length, response number)
+        rows: list[list[tuple]] = []  # per row: (token ids, prompt length, response number, reference log-probs)
         signs, pair_ids = [], []
         example_number = 0
         for bin_ in bins:
-            row: list[tuple[list[int], int, int]] = []
+            row: list[tuple] = []
             for example in bin_:
                 pair_id = example_number if example["is_pair"] else -1
                 example_number += 1
-                for ids, plen, sign in zip(example["response_input_ids"], example["response_prompt_len"], example["response_sign"]):
-                    segment = (list(ids), int(plen), len(signs))
+                refs = example.get("response_ref_logps") or [None] * len(example["response_sign"])
+                for ids, plen, sign, ref in zip(example["response_input_ids"], example["response_prompt_len"],
+                                                example["response_sign"], refs):
+                    segment = (list(ids), int(plen), len(signs), ref)
                     signs.append(int(sign))
                     pair_ids.append(pair_id)
                     if packed:
@@ -61,7 +64,7 @@ class ResponseBatchCollator:
         return self._tensors(rows, signs, pair_ids, packed)
 
     def _tensors(self, rows, signs, pair_ids, packed: bool) -> dict[str, torch.Tensor]:
-        width = max(sum(len(ids) for ids, _, _ in row) for row in rows)
+        width = max(sum(len(segment[0]) for segment in row) for row in rows)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         shape = (len(rows), width)
@@ -71,13 +74,17 @@ class ResponseBatchCollator:
         # Padding gets positions of its own (0, 1, ...), so in a packed row it forms a separate block.
         position_ids = torch.arange(width).repeat(len(rows), 1)
         attention_mask = torch.zeros(shape, dtype=torch.long)
+        has_ref = all(segment[3] is not None for row in rows for segment in row)
+        ref_logps = torch.zeros(shape, dtype=torch.float32) if has_ref else None
         for r, row in enumerate(rows):
             start = 0
-            for ids, plen, number in row:
+            for ids, plen, number, ref in row:
                 stop = start + len(ids)
                 ids_t = torch.as_tensor(ids, dtype=torch.long)
                 input_ids[r, start:stop] = ids_t
                 labels[r, start + max(plen, 1):stop] = ids_t[max(plen, 1):]
+                if has_ref:  # position t holds the reference log-prob of the label at t + 1
+                    ref_logps[r, start + max(plen, 1) - 1:stop - 1] = torch.as_tensor(ref, dtype=torch.float32)
                 response_index[r, start:stop] = number
                 position_ids[r, start:stop] = torch.arange(len(ids))
                 attention_mask[r, start:stop] = 1
@@ -97,6 +104,8 @@ class ResponseBatchCollator:
         }
         if not packed:
             batch["attention_mask"] = attention_mask
+        if has_ref:
+            batch["ref_logps"] = ref_logps
         return batch
 
 

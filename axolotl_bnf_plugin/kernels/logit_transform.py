@@ -25,7 +25,10 @@ class LogitTransform:
             raise ValueError("scale must be a finite number, got NaN")
 
     def apply(self, raw: torch.Tensor) -> torch.Tensor:
-        """fp32 logits from fp32 raw projections (a new tensor; `raw` is left intact for backprop)."""
+        """Logits from raw projections, never modifying `raw` (needed again for backprop): `raw` itself
+        when there is nothing to apply (no copy of the block), else a new tensor."""
+        if self.scale is None and self.softcap is None:
+            return raw
         z = raw * self.scale if self.scale is not None else raw.clone()
         if self.softcap is not None:
             z.div_(self.softcap).tanh_().mul_(self.softcap)
