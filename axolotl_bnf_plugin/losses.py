@@ -222,15 +222,16 @@ def asft_loss(
     align = torch.where(nonempty, align, torch.zeros_like(align))
     nll = torch.where(preferred & nonempty, -lbar, torch.zeros_like(lbar))
     n = _resolve_normalizer(normalizer, pair_ids, mask)
-    nll_term = nll.sum() / n
-    align_term = align.sum() / n
-    loss = sft_weight * nll_term + lam * align_term
+    loss = (sft_weight * nll.sum() + lam * align.sum()) / n
 
+    # The two terms as means over this batch's own n (whatever normaliser the loss used), so that
+    # micro-batches combine exactly: loss = sft_weight * nll_loss + lam * align_loss when n is the batch's.
     metrics = Metrics()
-    metrics["asft/nll_loss"] = nll_term.detach()
-    metrics.counts["asft/nll_loss"] = n.detach()
-    metrics["asft/align_loss"] = align_term.detach()
-    metrics.counts["asft/align_loss"] = n.detach()
+    n_batch = _resolve_normalizer(None, pair_ids, mask).detach()
+    metrics["asft/nll_loss"] = nll.sum().detach() / n_batch
+    metrics.counts["asft/nll_loss"] = n_batch
+    metrics["asft/align_loss"] = align.sum().detach() / n_batch
+    metrics.counts["asft/align_loss"] = n_batch
     _add_preference_metrics(metrics, beta * lbar, lbar, sign, pair_ids, nonempty)
     odds_margin, has_pair = _pair_margins(log_odds, sign, pair_ids, nonempty)
     metrics.add_mean("log_odds_chosen", odds_margin, has_pair)

@@ -22,7 +22,7 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.logging import get_logger
 
 from .data.collator import ResponseBatchCollator, response_rows
-from .losses import asft_loss, bnf_loss
+from .losses import asft_loss, batch_normalizer, bnf_loss
 from .model_io import response_token_logps, unwrap_peft
 
 LOG = get_logger(__name__)
@@ -60,22 +60,23 @@ class DisabledAdapter:
         return unwrap_peft(self.model).disable_adapter()
 
 
-def batch_loss(model, batch, settings: LossSettings, reference=None, check_head: bool = False):
+def batch_loss(model, batch, settings: LossSettings, reference=None, check_head: bool = False, normalizer=None):
     """(loss, metrics) of one collated batch (packed or not) under the configured method.
 
     `reference` (BNF only) is a frozen model, or a `DisabledAdapter` of the policy; its log-probs of the
-    same tokens come from the same fused op under `no_grad`.
+    same tokens come from the same fused op under `no_grad`. `normalizer` replaces the batch's own n
+    (pairs + unpaired responses), e.g. by the n of a whole optimiser step.
     """
     logp, neg_entropy, _ = response_token_logps(model, batch, settings.chunk_size, check_head=check_head,
                                                 impl=settings.impl)
     mask, logp, neg_entropy = response_rows(batch, logp, neg_entropy)
     if settings.method == "asft":
         return asft_loss(logp, mask, batch["sign"], batch["pair_ids"], lam=settings.lam, beta=settings.beta,
-                         sft_weight=settings.sft_weight)
+                         sft_weight=settings.sft_weight, normalizer=normalizer)
     if "ref_logps" in batch:  # precomputed once before training (bnf_precompute_ref)
         _, ref_logp = response_rows(batch, batch["ref_logps"])
         return bnf_loss(logp, ref_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
-                        length_norm=settings.length_norm)
+                        length_norm=settings.length_norm, normalizer=normalizer)
     if reference is None:
         raise ValueError("BNF needs a reference model (or an adapter to disable)")
     if isinstance(reference, DisabledAdapter):
@@ -86,7 +87,7 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
         ref_token_logp, _, _ = response_token_logps(ref_model, batch, settings.chunk_size, impl=settings.impl)
     _, ref_logp = response_rows(batch, ref_token_logp)
     return bnf_loss(logp, ref_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
-                    length_norm=settings.length_norm)
+                    length_norm=settings.length_norm, normalizer=normalizer)
 
 
 class BNFTrainer(AxolotlTrainer):
@@ -98,8 +99,9 @@ class BNFTrainer(AxolotlTrainer):
         super().__init__(*args, **kwargs)
         self.settings = LossSettings.from_args(self.args)
         self.method = self.settings.method
-        # The loss is already a per-micro-batch mean; the Trainer must average micro-batches, not re-weight.
-        self.model_accepts_loss_kwargs = False
+        # The loss divides by the n of the whole optimiser step, which `_get_num_items_in_batch` provides:
+        # the Trainer must then neither divide by the accumulation steps nor re-weight micro-batches.
+        self.model_accepts_loss_kwargs = True
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._metric_counts = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._head_checked = False
@@ -132,7 +134,21 @@ class BNFTrainer(AxolotlTrainer):
         elif self.eval_dataset is not None:
             self.eval_dataset = with_reference_logps(self.eval_dataset, self.model, collator, split="eval", **options)
 
-    def _loss_and_metrics(self, model, batch):
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """n of the optimiser step: pairs + unpaired responses over all its micro-batches (and processes).
+
+        METHODS.md normalises the loss by the batch's n; the batch an update is computed from is the whole
+        step, so micro-batch 1 x accumulation 4 and micro-batch 4 x accumulation 1 give the same update.
+        """
+        if not batch_samples or "pair_ids" not in batch_samples[0]:
+            return None
+        n = sum(batch_normalizer(b["pair_ids"], b["sign"].shape[0]).float().cpu() for b in batch_samples)
+        n = torch.as_tensor(n, dtype=torch.float32, device=device).reshape(1)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            n = self.accelerator.gather(n).sum().reshape(1)
+        return n[0]
+
+    def _loss_and_metrics(self, model, batch, normalizer=None):
         check_head = not self._head_checked
         self._head_checked = True
         reference = None
@@ -140,11 +156,15 @@ class BNFTrainer(AxolotlTrainer):
             if self.precomputed_reference:
                 raise RuntimeError("bnf_precompute_ref is set but the batch has no reference log-probs")
             reference = self.ref_model if self.ref_model is not None else DisabledAdapter(model)
-        return batch_loss(model, batch, self.settings, reference=reference, check_head=check_head)
+        return batch_loss(model, batch, self.settings, reference=reference, check_head=check_head, normalizer=normalizer)
 
     # ----------------------------------------------------------------------------------- Trainer API
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = self._loss_and_metrics(model, inputs)
+        normalizer = num_items_in_batch if model.training else None
+        loss, metrics = self._loss_and_metrics(model, inputs, normalizer=normalizer)
+        if normalizer is not None and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            # n counts every process's units, and DDP averages gradients over processes: undo that mean.
+            loss = loss * self.accelerator.num_processes
         self._accumulate(metrics, "train" if model.training else "eval")
         return (loss, {}) if return_outputs else loss
 

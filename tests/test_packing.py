@@ -10,6 +10,7 @@ from axolotl_bnf_plugin.data.collator import ResponseBatchCollator, response_row
 from axolotl_bnf_plugin.data.examples import candidate_example
 from axolotl_bnf_plugin.data.tokenize import LengthPolicy
 from axolotl_bnf_plugin.tiny import build_model, build_tokenizer, toy_pairs
+from axolotl_bnf_plugin.losses import batch_normalizer
 from axolotl_bnf_plugin.trainer import LossSettings, batch_loss
 
 
@@ -161,3 +162,31 @@ def test_precomputed_reference_equals_live_reference(setup, packed):
         torch.testing.assert_close(metrics_pre[name], metrics_live[name], rtol=1e-4, atol=1e-5)
     for name in grads_live:
         torch.testing.assert_close(grads_pre[name], grads_live[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["bnf", "asft"])
+def test_step_normalizer_makes_unequal_micro_batches_add_up(setup, method):
+    """Micro-batches with different n (as packing produces), each divided by the step's total n, sum to
+    the gradient of the whole step as one batch; dividing each by its own n (then averaging) does not."""
+    tokenizer, examples, model, reference = setup
+    collate = ResponseBatchCollator(tokenizer)
+    settings = LossSettings(method)
+    whole = collate(examples)
+    parts = [collate(examples[:1]), collate(examples[1:])]  # n = 1 and n = 4
+    _, _, g_whole = _run(model, reference, whole, settings)
+
+    model.zero_grad()
+    n_step = sum(float(batch_normalizer(p["pair_ids"], p["sign"].shape[0])) for p in parts)
+    for part in parts:
+        loss, _ = batch_loss(model, part, settings, reference=reference, normalizer=n_step)
+        loss.backward()
+    g_step = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name in g_whole:
+        torch.testing.assert_close(g_step[name], g_whole[name], rtol=1e-4, atol=1e-6)
+
+    model.zero_grad()
+    for part in parts:
+        loss, _ = batch_loss(model, part, settings, reference=reference)
+        (loss / len(parts)).backward()
+    g_avg = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert max((g_avg[n] - g_whole[n]).abs().max().item() for n in g_whole) > 1e-4

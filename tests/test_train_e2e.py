@@ -145,3 +145,26 @@ def test_precompute_ref_with_asft_is_rejected(tiny_assets, tmp_path):
                        check=False)
     assert proc.returncode != 0
     assert "bnf_precompute_ref applies to rl: bnf only" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("method", ["bnf", "asft"])
+def test_gradient_accumulation_invariance(tiny_assets, tmp_path, method):
+    """micro_batch 4 x accumulation 1 and micro_batch 1 x accumulation 4 give the same weights (fp32),
+    on mixed pairwise + unpaired data, where each micro-batch has a different n."""
+    from safetensors.torch import load_file
+
+    datasets = [{"path": str(tiny_assets / "pairs_intel.jsonl"), "ds_type": "json"},
+                {"path": str(tiny_assets / "unpaired.jsonl"), "ds_type": "json"}]
+    weights = {}
+    for mbs, ga in ((4, 1), (1, 4)):
+        out = tmp_path / f"mbs{mbs}_ga{ga}"
+        cfg = base_config(tiny_assets, out, method, datasets=datasets, micro_batch_size=mbs,
+                          gradient_accumulation_steps=ga, max_steps=2, optimizer="sgd", learning_rate=0.05)
+        run_axolotl("train", cfg, out)
+        weights[(mbs, ga)] = load_file(str(out / "run" / "model.safetensors"))
+    initial = load_file(str(tiny_assets / "model" / "model.safetensors"))
+    a, b = weights[(4, 1)], weights[(1, 4)]
+    moved = max((a[k].float() - initial[k].float()).abs().max().item() for k in a)
+    assert moved > 1e-3  # the runs did train
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
