@@ -10,6 +10,7 @@ preference formats need (field_chosen, a dict `type:`, ...).
 from __future__ import annotations
 
 import copy
+import difflib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -27,12 +28,61 @@ def _plain(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
+# Keys of other preference methods or of other fused-loss integrations, with the fix for each.
+CONFLICTING_KEYS = {
+    "rl_beta": "BNF has no beta; ASFT's temperature is asft_beta",
+    "dpo_loss_type": "remove it: rl: bnf / asft are not DPO variants",
+    "dpo_label_smoothing": "remove it",
+    "dpo_use_weighting": "remove it",
+    "dpo_norm_loss": "remove it",
+    "dpo_padding_free": "remove it (use sample_packing: true, which rl: bnf / asft support)",
+    "orpo_alpha": "ASFT's alignment weight is asft_lambda",
+    "simpo_gamma": "remove it",
+    "cpo_alpha": "remove it",
+    "kto_desirable_weight": "remove it; unpaired data needs no weights with rl: bnf / asft",
+    "kto_undesirable_weight": "remove it; unpaired data needs no weights with rl: bnf / asft",
+    "liger_fused_linear_cross_entropy": "set it to false: the plugin's fused log-prob op replaces it",
+    "cut_cross_entropy": "set it to false: the plugin's fused log-prob op replaces it",
+    "chunked_cross_entropy": "set it to false: the plugin's fused log-prob op replaces it",
+}
+
+
+class PluginConfigError(ValueError):
+    """A config the plugin cannot run, found before anything is loaded."""
+
+
+def _check_raw_config(cfg: dict, method: str) -> None:
+    known = set(BNFArgs.model_fields)
+    for key in cfg:
+        if isinstance(key, str) and key.startswith(("bnf_", "asft_")) and key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(known))}"
+            raise PluginConfigError(f"unknown key {key!r} for axolotl_bnf_plugin{hint}")
+    for key, fix in CONFLICTING_KEYS.items():
+        value = cfg.get(key)
+        if value not in (None, False):
+            raise PluginConfigError(f"{key!r} cannot be used with rl: {method}: {fix}")
+    if method == "bnf" and not cfg.get("adapter") and not cfg.get("bnf_precompute_ref"):
+        deepspeed = str(cfg.get("deepspeed") or "")
+        if "zero3" in deepspeed.replace("_", "").lower() or "stage3" in deepspeed.replace("_", "").lower():
+            raise PluginConfigError(
+                "rl: bnf with full fine-tuning under DeepSpeed ZeRO-3 cannot copy the sharded policy as its "
+                "reference; set bnf_precompute_ref: true (reference log-probs computed once, no reference "
+                "model) or train an adapter"
+            )
+
+
 def translate_raw_config(cfg: dict) -> str | None:
-    """Rewrite a raw config that says `rl: bnf` / `rl: asft`; return the method, or None if not ours."""
+    """Rewrite a raw config that says `rl: bnf` / `rl: asft`; return the method, or None if not ours.
+
+    Also rejects, before anything is loaded, plugin keys that do not exist (with the closest valid one)
+    and keys of other methods or fused-loss integrations that cannot apply to BNF / ASFT.
+    """
     rl = cfg.get("rl")
     if not isinstance(rl, str) or rl.strip().lower() not in METHODS:
         return cfg.get("bnf_rl")
     method = rl.strip().lower()
+    _check_raw_config(cfg, method)
     cfg["bnf_rl"] = method
     del cfg["rl"]
     for source, kept in DATASET_KEYS:
@@ -82,6 +132,14 @@ class BNFArgs(BaseModel):
         json_schema_extra={
             "description": "BNF: compute the reference log-probs once before training (with the fused op) and "
             "store them with the prepared data, so training holds no reference model."
+        },
+    )
+    bnf_max_bad_steps: int = Field(
+        default=10,
+        ge=1,
+        json_schema_extra={
+            "description": "Stop training after this many consecutive optimiser steps with a non-finite loss or "
+            "gradient (each such step is skipped and counted)."
         },
     )
     bnf_datasets: list[dict[str, Any]] | None = Field(

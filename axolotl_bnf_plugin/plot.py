@@ -156,7 +156,7 @@ def _bnf_weights(history, run):
     drawn = _plot_keys(top, history, ["bnf/weight_chosen", "bnf/weight_rejected"])
     if not drawn:
         return None
-    top.set(title=f"BNF per-token gradient weight (1 = full push){_eval_note(drawn)} - {run}", ylabel="mean weight w")
+    top.set(title=f"BNF per-token gradient weight, 1 = full push{_eval_note(drawn)} - {run}", ylabel="mean weight w")
     _legend(top)
     if drawn := _plot_keys(bottom, history, ["bnf/clipped_frac_chosen", "bnf/clipped_frac_rejected"]):
         bottom.set(title=f"Fraction of tokens with q < 1 (clipped){_eval_note(drawn)}", ylabel="fraction",

@@ -34,6 +34,7 @@ class BNFPlugin(BasePlugin):
             "bnf_loss_chunk_size": cfg.bnf_loss_chunk_size,
             "bnf_kernel_impl": cfg.bnf_kernel_impl,
             "bnf_precompute_ref": bool(cfg.bnf_precompute_ref),
+            "bnf_max_bad_steps": cfg.bnf_max_bad_steps,
             # The collator needs the example columns (signs, pairs), not just the model's inputs.
             "remove_unused_columns": False,
         }
@@ -44,6 +45,18 @@ class BNFPlugin(BasePlugin):
         from .data.loader import load_bnf_datasets
 
         return load_bnf_datasets(cfg, preprocess=preprocess)
+
+    def pre_model_load(self, cfg):
+        if not cfg.bnf_rl:
+            return
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        model_type = cfg.model_config_type
+        if model_type and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not cfg.trust_remote_code:
+            raise ValueError(
+                f"rl: {cfg.bnf_rl} needs a causal language model, but base_model {cfg.base_model!r} is a "
+                f"{model_type!r} model, which has no causal-LM head in transformers"
+            )
 
     def get_trainer_cls(self, cfg):
         if not cfg.bnf_rl:

@@ -18,3 +18,4 @@ class BNFTrainingArgsMixin:
     bnf_loss_chunk_size: int | None = field(default=None, metadata={"help": "rows per logits block"})
     bnf_kernel_impl: str = field(default="auto", metadata={"help": "auto, torch or triton"})
     bnf_precompute_ref: bool = field(default=False, metadata={"help": "precomputed BNF reference"})
+    bnf_max_bad_steps: int = field(default=10, metadata={"help": "consecutive non-finite steps before stopping"})

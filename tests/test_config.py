@@ -70,3 +70,55 @@ def test_rl_bnf_without_plugin_fails_naming_rl(tiny_assets, tmp_path):
     del cfg["plugins"]
     with pytest.raises(Exception, match=r"rl"):
         _load(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("key,expected", [("bnf_lenght_norm", "did you mean 'bnf_length_norm'"),
+                                          ("asft_lamda", "did you mean 'asft_lambda'"),
+                                          ("bnf_precompute_reference", "did you mean 'bnf_precompute_ref'")])
+def test_unknown_plugin_key_suggests_the_nearest(key, expected):
+    from axolotl_bnf_plugin.config import PluginConfigError
+
+    with pytest.raises(PluginConfigError, match=expected):
+        translate_raw_config({"rl": "bnf", key: 1})
+
+
+@pytest.mark.parametrize("key,value,fix", [
+    ("rl_beta", 0.1, "BNF has no beta"),
+    ("dpo_loss_type", ["sigmoid"], "not DPO variants"),
+    ("liger_fused_linear_cross_entropy", True, "set it to false"),
+    ("cut_cross_entropy", True, "set it to false"),
+    ("orpo_alpha", 0.1, "asft_lambda"),
+])
+def test_options_that_cannot_apply_are_rejected(key, value, fix):
+    from axolotl_bnf_plugin.config import PluginConfigError
+
+    with pytest.raises(PluginConfigError, match=f"'{key}' cannot be used with rl: asft: .*{fix}"):
+        translate_raw_config({"rl": "asft", key: value})
+    translate_raw_config({"rl": "asft", key: False if value is True else None})  # off: fine
+
+
+def test_full_finetune_bnf_under_zero3_needs_precompute_or_adapter():
+    from axolotl_bnf_plugin.config import PluginConfigError
+
+    with pytest.raises(PluginConfigError, match="bnf_precompute_ref: true"):
+        translate_raw_config({"rl": "bnf", "deepspeed": "deepspeed_configs/zero3_bf16.json"})
+    translate_raw_config({"rl": "bnf", "deepspeed": "deepspeed_configs/zero3_bf16.json", "bnf_precompute_ref": True})
+    translate_raw_config({"rl": "bnf", "deepspeed": "zero3.json", "adapter": "lora"})
+    translate_raw_config({"rl": "asft", "deepspeed": "zero3.json"})
+
+
+def test_bad_config_fails_in_load_cfg_before_any_model(tiny_assets, tmp_path):
+    cfg = base_config(tiny_assets, tmp_path, "bnf", bnf_lenght_norm="batch_min")
+    cfg["base_model"] = str(tmp_path / "no-such-model")  # would fail differently if anything were loaded
+    with pytest.raises(Exception, match="did you mean 'bnf_length_norm'"):
+        _load(cfg, tmp_path)
+
+
+def test_non_causal_lm_is_rejected_before_loading(tmp_path):
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_bnf_plugin.plugin import BNFPlugin
+
+    with pytest.raises(ValueError, match="needs a causal language model.*'t5'"):
+        BNFPlugin().pre_model_load(DictDefault({"bnf_rl": "bnf", "model_config_type": "t5", "base_model": "x"}))
+    BNFPlugin().pre_model_load(DictDefault({"bnf_rl": "bnf", "model_config_type": "llama", "base_model": "x"}))
