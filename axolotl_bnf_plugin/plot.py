@@ -59,9 +59,11 @@ def _line(ax, steps, values, label, **style):
 
 
 def _plot_keys(ax, history: list[dict], keys, relative: bool = False) -> list[str]:
-    """Draw each key (solid) and its `eval_` twin (dashed, same colour); return the names drawn.
+    """Draw each logged key (solid) and its `eval_` twin (dashed, same colour); return the names that
+    have at least one finite value (none: the caller skips the plot rather than save an empty one).
 
-    The legend counts NaN/inf values: a run that diverged would otherwise just show a line that stops.
+    The legend counts NaN/inf values: a run that diverged would otherwise just show a line that stops,
+    and a metric that is NaN throughout would silently be missing.
 
     `relative` subtracts each series' first finite value, for quantities whose level means little but
     whose drift does (summed log-probs).
@@ -70,17 +72,18 @@ def _plot_keys(ax, history: list[dict], keys, relative: bool = False) -> list[st
     for key in keys:
         color = None
         for name, style in ((key, TRAIN_STYLE), (EVAL + key, EVAL_STYLE)):
-            if not _has(history, name):
-                continue
             steps, values = _series(history, name)
+            if not steps:
+                continue
             if relative:
-                first = next(v for v in values if not math.isnan(v))
+                first = next((v for v in values if not math.isnan(v)), math.nan)
                 values = [v - first for v in values]
             bad = sum(math.isnan(v) for v in values)
             label = f"{name} ({bad} NaN/inf)" if bad else name
             _line(ax, steps, values, label, color=color, **style)
             color = ax.lines[-1].get_color()
-            drawn.append(name)
+            if bad < len(values):
+                drawn.append(name)
     return drawn
 
 
@@ -151,35 +154,39 @@ def _shift(history, run):
     return fig
 
 
+def _panels(history, top_keys, bottom_keys):
+    """A top panel, plus a bottom one on the same step axis only when its metrics were logged."""
+    two = any(_has(history, k) or _has(history, EVAL + k) for k in bottom_keys)
+    fig, axes = _figure(2 if two else 1)
+    return fig, axes, _plot_keys(axes[0], history, top_keys), _plot_keys(axes[-1], history, bottom_keys) if two else []
+
+
 def _bnf_weights(history, run):
-    fig, (top, bottom) = _figure(2)
-    drawn = _plot_keys(top, history, ["bnf/weight_chosen", "bnf/weight_rejected"])
+    fig, axes, drawn, drawn_clipped = _panels(history, ["bnf/weight_chosen", "bnf/weight_rejected"],
+                                              ["bnf/clipped_frac_chosen", "bnf/clipped_frac_rejected"])
     if not drawn:
         return None
-    top.set(title=f"BNF per-token gradient weight, 1 = full push{_eval_note(drawn)} - {run}", ylabel="mean weight w")
-    _legend(top)
-    if drawn := _plot_keys(bottom, history, ["bnf/clipped_frac_chosen", "bnf/clipped_frac_rejected"]):
-        bottom.set(title=f"Fraction of tokens with q < 1 (clipped){_eval_note(drawn)}", ylabel="fraction",
-                   ylim=(-0.02, 1.02))
-        _legend(bottom)
-    else:
-        bottom.set_visible(False)
+    axes[0].set(title=f"BNF per-token gradient weight, 1 = full push{_eval_note(drawn)} - {run}",
+                ylabel="mean weight w")
+    if drawn_clipped:
+        axes[1].set(title=f"Fraction of tokens with q < 1 (clipped){_eval_note(drawn_clipped)}", ylabel="fraction",
+                    ylim=(-0.02, 1.02))
+    for ax in axes:
+        _legend(ax)
     return fig
 
 
 def _asft_terms(history, run):
-    fig, (top, bottom) = _figure(2)
-    drawn = _plot_keys(top, history, ["asft/nll_loss", "asft/align_loss"])
+    fig, axes, drawn, drawn_odds = _panels(history, ["asft/nll_loss", "asft/align_loss"], ["log_odds_chosen"])
     if not drawn:
         return None
-    top.set(title=f"ASFT loss terms: NLL and alignment{_eval_note(drawn)} - {run}", ylabel="loss term")
-    _legend(top)
-    if drawn := _plot_keys(bottom, history, ["log_odds_chosen"]):
-        bottom.axhline(0, color="grey", linewidth=0.8)
-        bottom.set(title=f"Log-odds of chosen over rejected (mean r_w - r_l){_eval_note(drawn)}", ylabel="log-odds")
-        _legend(bottom)
-    else:
-        bottom.set_visible(False)
+    axes[0].set(title=f"ASFT loss terms: NLL and alignment{_eval_note(drawn)} - {run}", ylabel="loss term")
+    if drawn_odds:
+        axes[1].axhline(0, color="grey", linewidth=0.8)
+        axes[1].set(title=f"Log-odds of chosen over rejected (mean r_w - r_l){_eval_note(drawn_odds)}",
+                    ylabel="log-odds")
+    for ax in axes:
+        _legend(ax)
     return fig
 
 

@@ -24,6 +24,7 @@ from axolotl.utils.logging import get_logger
 from .data.collator import ResponseBatchCollator, response_rows
 from .losses import asft_loss, batch_normalizer, bnf_loss
 from .model_io import response_token_logps, unwrap_peft
+from .numerics import StepGuard
 
 LOG = get_logger(__name__)
 
@@ -105,6 +106,7 @@ class BNFTrainer(AxolotlTrainer):
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._metric_counts = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._head_checked = False
+        self.guard = StepGuard(self.args.bnf_max_bad_steps, check_gradients=not self.args.fp16)
         self.ref_model = None
         self.precomputed_reference = bool(getattr(self.args, "bnf_precompute_ref", False))
         if self.method == "bnf" and not self.precomputed_reference:
@@ -159,6 +161,24 @@ class BNFTrainer(AxolotlTrainer):
         return batch_loss(model, batch, self.settings, reference=reference, check_head=check_head, normalizer=normalizer)
 
     # ----------------------------------------------------------------------------------- Trainer API
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        self.guard.wrap(optimizer, self.model.parameters, distributed_any=self._any_process)
+        return optimizer
+
+    def _any_process(self, flag: bool) -> bool:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return flag
+        value = torch.tensor([float(flag)], device=self.accelerator.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        example_ids = inputs.get("example_ids")
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.guard.observe(loss, example_ids)
+        return loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         normalizer = num_items_in_batch if model.training else None
         loss, metrics = self._loss_and_metrics(model, inputs, normalizer=normalizer)
@@ -199,5 +219,7 @@ class BNFTrainer(AxolotlTrainer):
                     logs[prefix + name] = round(total / count, 6)
         sums.clear()
         counts.clear()
+        if split == "train":
+            logs["bnf/skipped_steps"] = self.guard.skipped
         super().log(logs, start_time)
 

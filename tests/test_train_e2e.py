@@ -168,3 +168,49 @@ def test_gradient_accumulation_invariance(tiny_assets, tmp_path, method):
     assert moved > 1e-3  # the runs did train
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def _poisoned_model(tiny_assets, out):
+    """The tiny model with a NaN input embedding for "<unk>": any example containing it gives a NaN loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets / "model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets / "model")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tokenizer.unk_token_id] = float("nan")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("poisoned_rows,expect_stop", [([3], False), (list(range(64)), True)],
+                         ids=["one-bad-example", "all-bad"])
+def test_non_finite_steps_are_skipped_then_stop(tiny_assets, tmp_path, poisoned_rows, expect_stop):
+    from safetensors.torch import load_file
+
+    rows = [json.loads(line) for line in (tiny_assets / "pairs_intel.jsonl").read_text().splitlines()]
+    for i in poisoned_rows:
+        rows[i]["chosen"] = rows[i]["chosen"] + " <unk>"
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model_dir = _poisoned_model(tiny_assets, tmp_path / "model")
+    cfg = base_config(tiny_assets, tmp_path, "bnf", base_model=str(model_dir), micro_batch_size=1, max_steps=8,
+                      datasets=[{"path": str(data), "ds_type": "json", "type": "chatml.intel"}],
+                      shuffle_merged_datasets=False, bnf_max_bad_steps=3)
+    proc = run_axolotl("train", cfg, tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    if expect_stop:
+        assert proc.returncode != 0
+        assert "3 consecutive optimiser steps had a non-finite loss or gradient" in out
+        return
+    assert proc.returncode == 0, out[-3000:]
+    assert "non-finite loss or gradient: optimiser step skipped (examples [3])" in out
+    history = [json.loads(line) for line in (tmp_path / "run" / LOG_HISTORY_FILE).read_text().splitlines()]
+    assert [r for r in history if "loss" in r][-1]["bnf/skipped_steps"] == 1
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    unk = 4
+    for name, tensor in weights.items():
+        finite = torch.isfinite(tensor)
+        if "embed_tokens" in name:  # only the poisoned row itself may stay NaN
+            finite[unk] = True
+        assert finite.all(), name

@@ -42,13 +42,14 @@ class ResponseBatchCollator:
         packed = bool(features) and isinstance(features[0], list)
         bins = features if packed else [[example] for example in features]
         rows: list[list[tuple]] = []  # per row: (token ids, prompt length, response number, reference log-probs)
-        signs, pair_ids = [], []
+        signs, pair_ids, example_ids = [], [], []
         example_number = 0
         for bin_ in bins:
             row: list[tuple] = []
             for example in bin_:
                 pair_id = example_number if example["is_pair"] else -1
                 example_number += 1
+                example_ids.append(int(example.get("example_id", -1)))
                 refs = example.get("response_ref_logps") or [None] * len(example["response_sign"])
                 for ids, plen, sign, ref in zip(example["response_input_ids"], example["response_prompt_len"],
                                                 example["response_sign"], refs):
@@ -61,7 +62,9 @@ class ResponseBatchCollator:
                         rows.append([segment])
             if packed:
                 rows.append(row)
-        return self._tensors(rows, signs, pair_ids, packed)
+        batch = self._tensors(rows, signs, pair_ids, packed)
+        batch["example_ids"] = torch.as_tensor(example_ids, dtype=torch.long)
+        return batch
 
     def _tensors(self, rows, signs, pair_ids, packed: bool) -> dict[str, torch.Tensor]:
         width = max(sum(len(segment[0]) for segment in row) for row in rows)

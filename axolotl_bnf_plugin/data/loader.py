@@ -187,6 +187,12 @@ def _load_or_prepare(cfg, tokenizer, raw_datasets: list[dict], split: str) -> Da
     return dataset
 
 
+def _with_example_ids(dataset: Dataset, start: int) -> Dataset:
+    if "example_id" in dataset.column_names:
+        return dataset
+    return dataset.add_column("example_id", list(range(start, start + len(dataset))))
+
+
 def _total_steps(cfg, train: Dataset) -> int:
     """Optimiser steps for the run. With packing, Axolotl's own estimate (it builds the multipack
     sampler over the `length` column), after giving it the supervised-token count it would otherwise
@@ -226,6 +232,10 @@ def load_bnf_datasets(cfg, preprocess: bool = False) -> TrainDatasetMeta:
         train, evaluation = loader.load(_load)
     finally:
         loader.cleanup()
+    # Identifiers that name examples in messages about a batch (unique across train and eval).
+    train = _with_example_ids(train, 0)
+    if evaluation is not None:
+        evaluation = _with_example_ids(evaluation, len(train))
     total_steps = _total_steps(cfg, train)
     LOG.info("BNF/ASFT data: %d training examples, %s eval examples", len(train), len(evaluation) if evaluation else 0)
     return TrainDatasetMeta(train_dataset=train, eval_dataset=evaluation, total_num_steps=total_steps)
