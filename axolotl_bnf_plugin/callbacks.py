@@ -6,7 +6,7 @@ import os
 
 from transformers import TrainerCallback
 
-LOG_HISTORY_FILE = "bnf_log_history.jsonl"
+from .summary import LOG_HISTORY_FILE
 
 
 class LogHistoryWriter(TrainerCallback):

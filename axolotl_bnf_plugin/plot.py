@@ -26,8 +26,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .callbacks import LOG_HISTORY_FILE
-from .summary import read_history
+from .summary import LOG_HISTORY_FILE, read_history
 
 EVAL = "eval_"
 TRAIN_STYLE = {"linestyle": "-"}

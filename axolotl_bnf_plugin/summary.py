@@ -9,7 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-from .callbacks import LOG_HISTORY_FILE
+# Written by `callbacks.LogHistoryWriter` during training; defined here so reading a finished run's
+# history (this module, the plot command) does not import transformers.
+LOG_HISTORY_FILE = "bnf_log_history.jsonl"
 
 KEYS = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
         "eval_loss", "eval_rewards/margins", "eval_rewards/accuracies")

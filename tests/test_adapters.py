@@ -115,7 +115,7 @@ def test_mixed_run_batches_carry_signs_and_pairs(tokenizer, tmp_path):
     ds_cfgs = [{"path": write_jsonl(tmp_path / f"{name}.jsonl", rows), "ds_type": "json"}
                for name, rows in (("pairs", pairs), ("unpaired", unpaired), ("sft", sft))]
     dataset, report = _prepare_split(prep_cfg(), tokenizer, ds_cfgs, "train")
-    assert [sum(c.values()) for _, c in report] == [2, 2, 1] and len(dataset) == 5
+    assert [sum(entry[1].values()) for entry in report] == [2, 2, 1] and len(dataset) == 5
     batch = ResponseBatchCollator(tokenizer)(list(dataset))
     assert batch["sign"].tolist() == [1, -1, 1, -1, -1, 1, 1]
     assert batch["pair_ids"].tolist() == [0, 0, 1, 1, -1, -1, -1]
@@ -165,6 +165,9 @@ def test_accounting_table_on_dirty_files(tokenizer, tmp_path, strategy, caplog):
     for reason in list(expected_text) + list(chat_counts):
         assert reason in table
     assert "text.jsonl" in table and "chat.jsonl" in table
+    # Every dropped row is named by its line: TEXT_ROWS[1] (line 2) repeats its chosen answer.
+    assert "(" + str(tmp_path / "text.jsonl") + "): chosen == rejected: lines 2" in table
+    assert "chosen/rejected prompts differ: lines 2" in table
 
 
 def test_missing_column_fails_with_path_and_columns(tokenizer, tmp_path):
@@ -202,7 +205,7 @@ def test_label_must_be_boolean(tokenizer, tmp_path):
 
 def test_data_set_with_no_usable_row_fails_with_its_counts(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "strings.jsonl", [{"prompt": "a", "completion": " b", "label": "yes"}])
-    with pytest.raises(DatasetFormatError, match="strings.jsonl.*no usable rows.*label not boolean"):
+    with pytest.raises(DatasetFormatError, match=r"no usable rows(.|\n)*strings.jsonl(.|\n)*label not boolean: lines 1"):
         _prepare_split(prep_cfg(), tokenizer, [{"path": path, "ds_type": "json"}], "train")
 
 

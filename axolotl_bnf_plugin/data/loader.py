@@ -37,12 +37,14 @@ from axolotl.utils.logging import get_logger
 from .adapters import Fields, MissingColumns, Skip, adapter_for_type, check_columns, detect_adapter
 from .axolotl_types import DatasetFormatError, axolotl_candidate, resolve_axolotl_transform
 from .examples import KEPT, STATUS, candidate_example, dropped
+from .raw_rows import is_local_json, read_json_rows
 from .tokenize import LengthPolicy
 
 LOG = get_logger(__name__)
 
 # Bumped whenever the prepared layout or tokenization changes, so stale caches are never reused.
-PREPARED_FORMAT = "bnf-examples-v2"
+PREPARED_FORMAT = "bnf-examples-v3"
+SOURCE_ROW = "bnf_source_row"  # where a row came from, for the report (dropped before training)
 EXAMPLE_FEATURES = Features(
     {
         "response_input_ids": Sequence(Sequence(Value("int32"))),
@@ -51,6 +53,7 @@ EXAMPLE_FEATURES = Features(
         "is_pair": Value("bool"),
         "length": Value("int32"),
         STATUS: Value("string"),
+        SOURCE_ROW: Value("int64"),
     }
 )
 
@@ -80,8 +83,8 @@ class RowConverter:
         try:
             candidate = self.candidate(row, idx)
         except Skip as skip:
-            return dropped(skip.args[0])
-        return candidate_example(candidate, self.tokenizer, self.chat_template, self.policy)
+            return {**dropped(skip.args[0]), SOURCE_ROW: idx}
+        return {**candidate_example(candidate, self.tokenizer, self.chat_template, self.policy), SOURCE_ROW: idx}
 
 
 def _load_raw(ds_cfg: dict, cfg) -> Dataset:
@@ -118,54 +121,106 @@ def candidate_function(cfg, raw_datasets: list[dict], idx: int, tokenizer, colum
     return partial(axolotl_candidate, transform, unpaired=unpaired, label_key=fields.label), f"type {ds_type}"
 
 
-def _describe_format(converter: RowConverter, raw: Dataset, how: str, label: str) -> None:
+def _describe_format(converter: RowConverter, first_rows: list[tuple[int, dict]], how: str, label: str) -> None:
     """Log once per data set how its rows are read (from the first row that converts)."""
-    for idx in range(min(len(raw), 20)):
+    for idx, row in first_rows:
         try:
-            LOG.info("%s: %s: %s", label, how, converter.candidate(raw[idx], idx).form)
+            LOG.info("%s: %s: %s", label, how, converter.candidate(row, idx).form)
             return
         except Skip:
             continue
     LOG.warning("%s: %s, but none of the first rows could be read (see the table at the end)", label, how)
 
 
-def _prepare_split(cfg, tokenizer, raw_datasets: list[dict], split: str) -> tuple[Dataset, list[tuple[str, Counter]]]:
-    policy = LengthPolicy(cfg.sequence_len, cfg.excess_length_strategy, packing=bool(cfg.sample_packing))
+def _convert_dataset(cfg, raw_datasets, idx, tokenizer, label) -> tuple[Dataset, str]:
+    """Example rows (with status and source row) for a data set loaded by Axolotl's loader."""
+    ds_cfg = raw_datasets[idx]
+    try:
+        raw = _load_raw(ds_cfg, cfg)
+    except (OSError, ValueError) as err:
+        raise DatasetFormatError(f"{label}: cannot be loaded: {err}") from None
+    if len(raw) == 0:
+        return Dataset.from_list([], features=EXAMPLE_FEATURES), "row"
+    columns = list(raw.column_names)
+    to_candidate, how = candidate_function(cfg, raw_datasets, idx, tokenizer, columns, label, raw[0])
+    converter = RowConverter(to_candidate, tokenizer, _chat_template(cfg, ds_cfg, tokenizer), cfg.bnf_length_policy, label, columns)
+    _describe_format(converter, [(i, raw[i]) for i in range(min(len(raw), 20))], how, label)
+    converted = raw.map(
+        converter,
+        with_indices=True,
+        remove_columns=columns,
+        features=EXAMPLE_FEATURES,
+        num_proc=cfg.dataset_num_proc if len(raw) > 5000 else None,
+        load_from_cache_file=False,
+        desc=f"Tokenizing {label}",
+    )
+    return converted, "row"
+
+
+def _convert_local_json(cfg, raw_datasets, idx, tokenizer, label) -> tuple[Dataset, str]:
+    """Example rows for a local JSON / JSONL file read line by line (see `raw_rows`)."""
+    ds_cfg = raw_datasets[idx]
+    rows, problems = read_json_rows(ds_cfg["path"])
+    examples = [{**dropped(reason), SOURCE_ROW: line} for line, reason in problems]
+    if rows:
+        columns = sorted({key for _, row in rows for key in row})
+        to_candidate, how = candidate_function(cfg, raw_datasets, idx, tokenizer, columns, label, rows[0][1])
+        converter = RowConverter(to_candidate, tokenizer, _chat_template(cfg, ds_cfg, tokenizer), cfg.bnf_length_policy,
+                                 label, columns)
+        _describe_format(converter, rows[:20], how, label)
+        examples += [converter(row, line) for line, row in rows]
+    examples.sort(key=lambda e: e[SOURCE_ROW])
+    return Dataset.from_list(examples, features=EXAMPLE_FEATURES), "line"
+
+
+def _prepare_split(cfg, tokenizer, raw_datasets: list[dict], split: str) -> tuple[Dataset, list[tuple]]:
+    cfg.bnf_length_policy = LengthPolicy(cfg.sequence_len, cfg.excess_length_strategy, packing=bool(cfg.sample_packing))
     prepared, report = [], []
     for idx, ds_cfg in enumerate(raw_datasets):
         label = f"{'datasets' if split == 'train' else 'test_datasets'}[{idx}] ({ds_cfg.get('path')})"
-        raw = _load_raw(ds_cfg, cfg)
-        if len(raw) == 0:
-            raise DatasetFormatError(f"{label} is empty")
-        columns = list(raw.column_names)
-        to_candidate, how = candidate_function(cfg, raw_datasets, idx, tokenizer, columns, label, raw[0])
-        converter = RowConverter(to_candidate, tokenizer, _chat_template(cfg, ds_cfg, tokenizer), policy, label, columns)
-        _describe_format(converter, raw, how, label)
-        converted = raw.map(
-            converter,
-            with_indices=True,
-            remove_columns=columns,
-            features=EXAMPLE_FEATURES,
-            num_proc=cfg.dataset_num_proc if len(raw) > 5000 else None,
-            load_from_cache_file=False,
-            desc=f"Tokenizing {label}",
-        )
-        counts = Counter(converted[STATUS])
-        report.append((label, counts))
+        convert = _convert_local_json if is_local_json(ds_cfg) else _convert_dataset
+        converted, unit = convert(cfg, raw_datasets, idx, tokenizer, label)
+        statuses, sources = converted[STATUS], converted[SOURCE_ROW]
+        counts = Counter(statuses)
+        where: dict[str, list[int]] = {}
+        for status, source in zip(statuses, sources):
+            if status not in KEPT:
+                where.setdefault(status, []).append(source)
+        report.append((label, counts, where, unit))
+        if len(converted) == 0:
+            LOG.warning("%s is empty: skipped", label)
+            continue
         kept = converted.filter(lambda s: s in KEPT, input_columns=STATUS, desc="Dropping unusable rows")
-        if len(kept) == 0:
-            raise DatasetFormatError(f"{label}: no usable rows ({dict(counts)})")
-        prepared.append(kept.remove_columns(STATUS))
+        if len(kept):
+            prepared.append(kept.remove_columns([STATUS, SOURCE_ROW]))
+        else:
+            LOG.warning("%s: no usable rows (%s): skipped", label, dict(counts))
+    if not prepared:
+        raise DatasetFormatError(
+            f"no usable rows in any {split} data set:\n" + format_report(report)
+        )
     return merge_datasets(prepared, cfg), report
 
 
-def format_report(report: list[tuple[str, Counter]]) -> str:
-    """A fixed-width table: one line per data set, one column per status."""
-    statuses = ["kept", "truncated"] + sorted({s for _, c in report for s in c} - set(KEPT))
+def format_report(report: list[tuple]) -> str:
+    """A fixed-width table (one line per data set, one column per status), then, for every reason rows
+    were dropped, where: `datasets[0] (a.jsonl): too long: lines 4, 9, 17 (+3 more)`.
+
+    Entries are (label, counts) or (label, counts, {reason: source rows}, "row" | "line").
+    """
+    statuses = ["kept", "truncated"] + sorted({s for entry in report for s in entry[1]} - set(KEPT))
     header = ["data set", "rows"] + statuses
-    rows = [[label, str(sum(c.values()))] + [str(c.get(s, 0)) for s in statuses] for label, c in report]
+    rows = [[entry[0], str(sum(entry[1].values()))] + [str(entry[1].get(s, 0)) for s in statuses] for entry in report]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in [header] + rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header] + rows]
+    for entry in report:
+        if len(entry) < 4:
+            continue
+        label, _, where, unit = entry
+        for reason, sources in sorted(where.items()):
+            shown = ", ".join(str(s) for s in sources[:5])
+            more = f" (+{len(sources) - 5} more)" if len(sources) > 5 else ""
+            lines.append(f"{label}: {reason}: {unit}s {shown}{more}")
     return "\n".join(lines)
 
 
