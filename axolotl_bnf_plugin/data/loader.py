@@ -132,6 +132,12 @@ def _describe_format(converter: RowConverter, first_rows: list[tuple[int, dict]]
     LOG.warning("%s: %s, but none of the first rows could be read (see the table at the end)", label, how)
 
 
+def _examples_dataset(examples: list[dict[str, Any]]) -> Dataset:
+    if not examples:  # from_list cannot infer an empty table, even with features
+        return Dataset.from_dict({name: [] for name in EXAMPLE_FEATURES}, features=EXAMPLE_FEATURES)
+    return Dataset.from_list(examples, features=EXAMPLE_FEATURES)
+
+
 def _convert_dataset(cfg, raw_datasets, idx, tokenizer, label) -> tuple[Dataset, str]:
     """Example rows (with status and source row) for a data set loaded by Axolotl's loader."""
     ds_cfg = raw_datasets[idx]
@@ -140,7 +146,7 @@ def _convert_dataset(cfg, raw_datasets, idx, tokenizer, label) -> tuple[Dataset,
     except (OSError, ValueError) as err:
         raise DatasetFormatError(f"{label}: cannot be loaded: {err}") from None
     if len(raw) == 0:
-        return Dataset.from_list([], features=EXAMPLE_FEATURES), "row"
+        return _examples_dataset([]), "row"
     columns = list(raw.column_names)
     to_candidate, how = candidate_function(cfg, raw_datasets, idx, tokenizer, columns, label, raw[0])
     converter = RowConverter(to_candidate, tokenizer, _chat_template(cfg, ds_cfg, tokenizer), cfg.bnf_length_policy, label, columns)
@@ -170,7 +176,7 @@ def _convert_local_json(cfg, raw_datasets, idx, tokenizer, label) -> tuple[Datas
         _describe_format(converter, rows[:20], how, label)
         examples += [converter(row, line) for line, row in rows]
     examples.sort(key=lambda e: e[SOURCE_ROW])
-    return Dataset.from_list(examples, features=EXAMPLE_FEATURES), "line"
+    return _examples_dataset(examples), "line"
 
 
 def _prepare_split(cfg, tokenizer, raw_datasets: list[dict], split: str) -> tuple[Dataset, list[tuple]]:

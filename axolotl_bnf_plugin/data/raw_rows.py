@@ -25,15 +25,17 @@ def is_local_json(ds_cfg: dict[str, Any]) -> bool:
 def read_json_rows(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], list[tuple[int, str]]]:
     """(rows as (line number, dict), problems as (line number, reason)); line numbers start at 1.
 
-    A file whose first non-blank character is `[` is read as one JSON array (rows numbered from 1).
+    A file that as a whole parses as one JSON array is read as such (rows numbered from 1); anything
+    else is read as JSON Lines (a JSONL file whose first line happens to be an array stays JSONL).
     """
     data = Path(path).read_bytes()
     if data.lstrip()[:1] == b"[":
         try:
             items = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            return [], [(1, f"unreadable JSON array ({type(err).__name__})")]
-        return _classify(enumerate(items, start=1))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            items = None
+        if isinstance(items, list):
+            return _classify(enumerate(items, start=1))
     rows, problems = [], []
     for number, raw_line in enumerate(data.split(b"\n"), start=1):
         if not raw_line.strip():
