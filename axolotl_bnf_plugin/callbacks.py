@@ -17,9 +17,18 @@ class LogHistoryWriter(TrainerCallback):
     """
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and not args.resume_from_checkpoint:
-            os.makedirs(args.output_dir, exist_ok=True)
-            open(os.path.join(args.output_dir, LOG_HISTORY_FILE), "w", encoding="utf-8").close()
+        """Start the file, keeping the records up to the step training starts from: a fresh run starts
+        empty; a resumed run keeps its history up to the checkpoint and drops the interrupted tail."""
+        if not state.is_world_process_zero:
+            return
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, LOG_HISTORY_FILE)
+        kept = []
+        if state.global_step > 0 and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -214,3 +214,35 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_assets, tmp_path, poisoned_
         if "embed_tokens" in name:  # only the poisoned row itself may stay NaN
             finite[unk] = True
         assert finite.all(), name
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["live-ref", "precomputed-ref"])
+def test_resume_reaches_the_same_weights_and_metrics(tiny_assets, tmp_path, precompute):
+    """Stopped after a checkpoint and resumed with resume_from_checkpoint = uninterrupted (fp32, same seed)."""
+    from safetensors.torch import load_file
+
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, lr_scheduler="constant",
+                  bnf_precompute_ref=precompute, micro_batch_size=2)
+    straight = base_config(tiny_assets, tmp_path / "straight", "bnf", **common)
+    run_axolotl("train", straight, tmp_path / "straight")
+    first = base_config(tiny_assets, tmp_path / "resumed", "bnf", **{**common, "max_steps": 3})
+    run_axolotl("train", first, tmp_path / "resumed")
+    checkpoint = tmp_path / "resumed" / "run" / "checkpoint-3"
+    assert checkpoint.is_dir()
+    second = base_config(tiny_assets, tmp_path / "resumed", "bnf", **common, resume_from_checkpoint=str(checkpoint))
+    run_axolotl("train", second, tmp_path / "resumed")
+
+    a = load_file(str(tmp_path / "straight" / "run" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "run" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    def logs(run):
+        history = [json.loads(line) for line in (run / LOG_HISTORY_FILE).read_text().splitlines()]
+        return {r["step"]: r for r in history if "loss" in r}
+
+    straight_logs, resumed_logs = logs(tmp_path / "straight" / "run"), logs(tmp_path / "resumed" / "run")
+    assert set(resumed_logs) == set(range(1, 7)) == set(straight_logs)
+    for step in range(1, 7):
+        for key in ("loss", "rewards/margins", "logps/chosen", "bnf/weight_rejected"):
+            assert resumed_logs[step][key] == pytest.approx(straight_logs[step][key], rel=1e-4, abs=1e-5), (step, key)
