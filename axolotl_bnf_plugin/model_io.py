@@ -58,12 +58,28 @@ def logit_transform(config) -> LogitTransform:
     return LogitTransform(scale=scale, softcap=float(softcap) if softcap else None)
 
 
+def _refuse_shards(weight: torch.Tensor) -> None:
+    """The fused op needs the whole `[V, H]` output embedding; a shard would silently score a slice of
+    the vocabulary. FSDP2 keeps parameters as DTensors and ZeRO-3 partitions them outside forward."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()
+    if isinstance(weight, DTensor) or hasattr(weight, "ds_id"):
+        raise NotImplementedError(
+            "rl: bnf / asft: the output embedding is sharded (FSDP / DeepSpeed ZeRO-3), and gathering it for "
+            "the fused log-prob op is not supported yet; use DDP or ZeRO-1/2, or an adapter with a replicated "
+            "lm_head"
+        )
+
+
 def output_head(model) -> OutputHead:
     base = unwrap(model)
     head = base.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(base).__name__} has no output embedding: rl: bnf / asft needs a causal LM head")
     weight = head.weight
+    _refuse_shards(weight)
     if hasattr(head, "get_delta_weight") and hasattr(head, "active_adapters"):
         # A LoRA layer on lm_head: score with the adapted weight, differentiably w.r.t. the adapter,
         # unless the adapter is disabled (reference pass) or already merged into the base weight.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -98,6 +99,15 @@ class BNFTrainer(AxolotlTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.args.world_size != launched:
+            # Seen with Axolotl 0.19 on CPU-only machines: accelerate's state is settled as "not distributed"
+            # before the training arguments exist, so each process would train alone on the same data.
+            raise RuntimeError(
+                f"{launched} processes were launched but the Trainer runs as {self.args.world_size}: they would "
+                "train independently and silently. Multi-process training needs GPUs (NCCL) with this Axolotl "
+                "version; on CPU, train with one process."
+            )
         self.settings = LossSettings.from_args(self.args)
         self.method = self.settings.method
         # The loss divides by the n of the whole optimiser step, which `_get_num_items_in_batch` provides:

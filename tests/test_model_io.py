@@ -123,3 +123,11 @@ def test_no_full_logits_are_computed():
     model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     response_token_logps(model, _batch(rows=3, length=11))
     assert seen == [torch.Size([3, 1, 97])]
+
+
+def test_sharded_output_embedding_is_refused_not_sliced():
+    """A DTensor (FSDP2) or ZeRO-3 partitioned weight must never be scored as if it were the whole head."""
+    model = _model("llama")
+    model.lm_head.weight.ds_id = 7  # what DeepSpeed ZeRO-3 attaches to a partitioned parameter
+    with pytest.raises(NotImplementedError, match="sharded"):
+        output_head(model)
