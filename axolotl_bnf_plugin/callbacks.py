@@ -43,3 +43,23 @@ def _jsonable(value):
         return float(value)
     except (TypeError, ValueError):
         return str(value)
+
+
+class PlotOnTrainEnd(TrainerCallback):
+    """Write the run's PNG plots (loss, rewards, likelihood shifts, ...) to OUTPUT_DIR/plots at the end.
+
+    A plotting problem must never fail a finished training run: it is logged and training ends normally.
+    """
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from axolotl.utils.logging import get_logger
+
+        from .plot import plot_run
+
+        try:
+            paths = plot_run(args.output_dir)
+            get_logger(__name__).info("plots: %s", ", ".join(str(p) for p in paths))
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            get_logger(__name__).warning("could not write the plots: %s", err)

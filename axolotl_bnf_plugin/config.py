@@ -142,6 +142,21 @@ class BNFArgs(BaseModel):
             "gradient (each such step is skipped and counted)."
         },
     )
+    bnf_shift_metrics: bool = Field(
+        default=True,
+        json_schema_extra={
+            "description": "Log shift/chosen, shift/rejected, shift/chosen_down_frac (per-token log-prob change "
+            "since the start of training). Free for BNF (it has the reference); for ASFT the initial policy "
+            "scores the data once before training (cached like bnf_precompute_ref)."
+        },
+    )
+    bnf_displacement_patience: int = Field(
+        default=10,
+        ge=1,
+        json_schema_extra={
+            "description": "Warn (once) when shift/chosen has fallen for this many consecutive logging steps."
+        },
+    )
     bnf_datasets: list[dict[str, Any]] | None = Field(
         default=None, json_schema_extra={"description": "Verbatim copy of `datasets:` kept by the plugin."}
     )

@@ -39,6 +39,12 @@ class Metrics(dict):
         self[name] = total / count.clamp(min=1)
         self.counts[name] = count.detach()
 
+    def merge(self, other: "Metrics") -> "Metrics":
+        """Add another set of metrics (names must not collide)."""
+        self.update(other)
+        self.counts.update(other.counts)
+        return self
+
 
 def _check_inputs(mask, sign, pair_ids, *per_token):
     if mask.dim() != 2:

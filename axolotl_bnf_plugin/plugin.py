@@ -35,6 +35,8 @@ class BNFPlugin(BasePlugin):
             "bnf_kernel_impl": cfg.bnf_kernel_impl,
             "bnf_precompute_ref": bool(cfg.bnf_precompute_ref),
             "bnf_max_bad_steps": cfg.bnf_max_bad_steps,
+            "bnf_shift_metrics": bool(cfg.bnf_shift_metrics),
+            "bnf_displacement_patience": cfg.bnf_displacement_patience,
             # The collator needs the example columns (signs, pairs), not just the model's inputs.
             "remove_unused_columns": False,
         }
@@ -74,7 +76,8 @@ class BNFPlugin(BasePlugin):
         return ResponseBatchCollator, {}
 
     def post_trainer_create(self, cfg, trainer):
-        if cfg.bnf_rl == "bnf" and cfg.bnf_precompute_ref:
+        # The initial policy scores the data once: BNF's precomputed reference, or ASFT's shift baseline.
+        if (cfg.bnf_rl == "bnf" and cfg.bnf_precompute_ref) or (cfg.bnf_rl == "asft" and cfg.bnf_shift_metrics):
             from axolotl.common.const import DEFAULT_DATASET_PREPARED_PATH
 
             trainer.attach_reference_logps(cfg.dataset_prepared_path or DEFAULT_DATASET_PREPARED_PATH)
@@ -82,9 +85,9 @@ class BNFPlugin(BasePlugin):
     def add_callbacks_post_trainer(self, cfg, trainer):
         if not cfg.bnf_rl:
             return []
-        from .callbacks import LogHistoryWriter
+        from .callbacks import LogHistoryWriter, PlotOnTrainEnd
 
-        return [LogHistoryWriter()]
+        return [LogHistoryWriter(), PlotOnTrainEnd()]
 
 
 def _cpu_device_map_for_multiprocess(cfg) -> None:

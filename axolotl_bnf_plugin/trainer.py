@@ -26,6 +26,7 @@ from .data.collator import ResponseBatchCollator, response_rows
 from .losses import asft_loss, batch_normalizer, bnf_loss
 from .model_io import response_token_logps, unwrap_peft
 from .numerics import StepGuard
+from .telemetry import DisplacementMonitor, PhaseMemory, method_card, preflight, shift_metrics
 
 LOG = get_logger(__name__)
 
@@ -72,13 +73,23 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
     logp, neg_entropy, _ = response_token_logps(model, batch, settings.chunk_size, check_head=check_head,
                                                 impl=settings.impl)
     mask, logp, neg_entropy = response_rows(batch, logp, neg_entropy)
+    # The initial policy's log-probs: precomputed once (bnf_precompute_ref, or ASFT's shift metrics), or
+    # BNF's live reference.
+    start_logp = response_rows(batch, batch["ref_logps"])[1] if "ref_logps" in batch else None
     if settings.method == "asft":
-        return asft_loss(logp, mask, batch["sign"], batch["pair_ids"], lam=settings.lam, beta=settings.beta,
-                         sft_weight=settings.sft_weight, normalizer=normalizer)
-    if "ref_logps" in batch:  # precomputed once before training (bnf_precompute_ref)
-        _, ref_logp = response_rows(batch, batch["ref_logps"])
-        return bnf_loss(logp, ref_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
-                        length_norm=settings.length_norm, normalizer=normalizer)
+        loss, metrics = asft_loss(logp, mask, batch["sign"], batch["pair_ids"], lam=settings.lam, beta=settings.beta,
+                                  sft_weight=settings.sft_weight, normalizer=normalizer)
+    else:
+        if start_logp is None:
+            start_logp = _live_reference_logps(batch, settings, reference)
+        loss, metrics = bnf_loss(logp, start_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
+                                 length_norm=settings.length_norm, normalizer=normalizer)
+    if start_logp is not None:
+        metrics.merge(shift_metrics(logp, start_logp, mask, batch["sign"]))
+    return loss, metrics
+
+
+def _live_reference_logps(batch, settings: LossSettings, reference) -> torch.Tensor:
     if reference is None:
         raise ValueError("BNF needs a reference model (or an adapter to disable)")
     if isinstance(reference, DisabledAdapter):
@@ -87,9 +98,7 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
         ref_model, ctx = reference, contextlib.nullcontext()
     with torch.no_grad(), ctx:
         ref_token_logp, _, _ = response_token_logps(ref_model, batch, settings.chunk_size, impl=settings.impl)
-    _, ref_logp = response_rows(batch, ref_token_logp)
-    return bnf_loss(logp, ref_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
-                    length_norm=settings.length_norm, normalizer=normalizer)
+    return response_rows(batch, ref_token_logp)[1]
 
 
 class BNFTrainer(AxolotlTrainer):
@@ -121,6 +130,12 @@ class BNFTrainer(AxolotlTrainer):
         self.precomputed_reference = bool(getattr(self.args, "bnf_precompute_ref", False))
         if self.method == "bnf" and not self.precomputed_reference:
             self.ref_model = self._make_reference()
+        self.displacement = DisplacementMonitor(self.args.bnf_displacement_patience)
+        self.phase_memory = PhaseMemory(self.args.device)
+        self._preflight = self._preflight_bytes()
+        if self.is_world_process_zero():
+            LOG.info("\n%s\n%s", method_card(self.settings, self._reference_mode(), self._shift_metrics_on(),
+                                               bool(self.args.sample_packing)), self._preflight_text())
 
     # ----------------------------------------------------------------------------------- reference
     def _make_reference(self):
@@ -131,6 +146,34 @@ class BNFTrainer(AxolotlTrainer):
         ref = copy.deepcopy(self.model).eval()
         ref.requires_grad_(False)
         return ref
+
+    def _reference_mode(self) -> str:
+        if self.method == "asft":
+            return "none"
+        if self.precomputed_reference:
+            return "precomputed once before training (no reference model held)"
+        if self.ref_model is None:
+            return "the base model with the adapter disabled"
+        return "a frozen copy of the initial policy"
+
+    def _shift_metrics_on(self) -> bool:
+        return self.method == "bnf" or bool(self.args.bnf_shift_metrics)
+
+    def _preflight_bytes(self) -> dict[str, int]:
+        from .model_io import output_head
+
+        head = output_head(self.model)
+        tokens = self.args.per_device_train_batch_size * 2 * self.args.max_seq_length
+        return preflight(tokens, head.weight.shape[0], head.weight.dtype,
+                         with_reference=self.method == "bnf" and not self.precomputed_reference,
+                         chunk_size=self.settings.chunk_size)
+
+    def _preflight_text(self) -> str:
+        p = self._preflight
+        return (f"memory pre-flight per micro-batch (up to {self.args.per_device_train_batch_size} pairs x "
+                f"{self.args.max_seq_length} tokens): full logits would take "
+                f"{p['memory/preflight_full_logits_bytes'] / 2**30:.2f} GiB; the fused op holds one block of "
+                f"{p['memory/preflight_chunk_rows']} rows, {p['memory/preflight_fused_workspace_bytes'] / 2**20:.0f} MiB")
 
     def attach_reference_logps(self, cache_dir) -> None:
         """bnf_precompute_ref: score every train / eval response once with the initial policy."""
@@ -186,12 +229,18 @@ class BNFTrainer(AxolotlTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         example_ids = inputs.get("example_ids")
         loss = super().training_step(model, inputs, num_items_in_batch)
+        self.phase_memory.end("backward")
         self.guard.observe(loss, example_ids)
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         normalizer = num_items_in_batch if model.training else None
+        if model.training:
+            self.phase_memory.start()
         loss, metrics = self._loss_and_metrics(model, inputs, normalizer=normalizer)
+        if model.training:
+            self.phase_memory.end("forward")  # policy (and reference) forward, loss
+            self.phase_memory.start()
         if normalizer is not None and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             # n counts every process's units, and DDP averages gradients over processes: undo that mean.
             loss = loss * self.accelerator.num_processes
@@ -229,7 +278,13 @@ class BNFTrainer(AxolotlTrainer):
                     logs[prefix + name] = round(total / count, 6)
         sums.clear()
         counts.clear()
-        if split == "train":
+        if split == "train" and "loss" in logs:
             logs["bnf/skipped_steps"] = self.guard.skipped
+            logs.update(self.phase_memory.metrics())
+            if self._preflight:
+                logs.update(self._preflight)
+                self._preflight = {}
+            if "shift/chosen" in logs and (warning := self.displacement.update(logs["shift/chosen"])):
+                LOG.warning(warning)
         super().log(logs, start_time)
 

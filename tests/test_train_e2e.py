@@ -59,6 +59,17 @@ def test_train_raises_chosen_over_rejected(tiny_assets, tmp_path, method, lora):
     assert len(train_logs) == 10, proc.stdout[-2000:]
     expected = BNF_KEYS if method == "bnf" else ASFT_KEYS
     assert expected <= set(train_logs[-1]), sorted(set(train_logs[-1]))
+    # Telemetry: likelihood shifts (ASFT against a once-scored step-0 baseline), memory pre-flight and
+    # per-phase memory, the method card, and plots written at the end.
+    assert {"shift/chosen", "shift/rejected", "shift/chosen_down_frac", "bnf/skipped_steps"} <= set(train_logs[-1])
+    assert abs(train_logs[0]["shift/chosen"]) < 1e-4  # the first step is scored at the starting weights
+    assert train_logs[-1]["shift/chosen"] > train_logs[-1]["shift/rejected"]
+    assert "memory/preflight_full_logits_bytes" in train_logs[0]
+    assert any(k.startswith("memory/rss_forward") for k in train_logs[-1])
+    card = "arXiv 2410.04834" if method == "bnf" else "arXiv 2409.10571"
+    assert card in proc.stdout + proc.stderr
+    assert (run_dir / "plots" / "loss.png").stat().st_size > 1000
+    assert (run_dir / "plots" / "shift.png").stat().st_size > 1000
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_logs)
     if method == "bnf":
         assert "reference: " in proc.stdout + proc.stderr
@@ -246,3 +257,18 @@ def test_resume_reaches_the_same_weights_and_metrics(tiny_assets, tmp_path, prec
     for step in range(1, 7):
         for key in ("loss", "rewards/margins", "logps/chosen", "bnf/weight_rejected"):
             assert resumed_logs[step][key] == pytest.approx(straight_logs[step][key], rel=1e-4, abs=1e-5), (step, key)
+
+
+def test_eval_on_held_out_pairs_while_training_on_unpaired_data(tiny_assets, tmp_path):
+    """Implicit-reward accuracy on held-out pairs, comparable with DPO runs, from an unpaired-only run."""
+    cfg = base_config(tiny_assets, tmp_path, "bnf", max_steps=4, eval_steps=4,
+                      datasets=[{"path": str(tiny_assets / "unpaired.jsonl"), "ds_type": "json"}],
+                      test_datasets=[{"path": str(tiny_assets / "pairs_intel.jsonl"), "ds_type": "json",
+                                      "type": "chatml.intel", "split": "train"}])
+    run_axolotl("train", cfg, tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "run" / LOG_HISTORY_FILE).read_text().splitlines()]
+    train = [r for r in history if "loss" in r]
+    evals = [r for r in history if "eval_loss" in r]
+    assert evals and "eval_rewards/accuracies" in evals[-1] and "eval_rewards/margins" in evals[-1]
+    # Training batches hold no pairs, so no (meaningless) train accuracy is logged at all.
+    assert "rewards/accuracies" not in train[-1] and "rewards/chosen" in train[-1]

@@ -1,0 +1,137 @@
+"""What the alignment is doing: likelihood shifts, likelihood displacement, memory, and the method card.
+
+The BNF paper's central claim is about how the log-likelihoods of preferred and dispreferred responses
+move during training: DPO-style losses tend to push the chosen likelihood down along with the rejected
+one ("likelihood displacement"), BNF's bounded feedback should not. These metrics let a user watch it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels import default_chunk_size
+from .losses import Metrics
+
+
+def shift_metrics(logp: torch.Tensor, start_logp: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor) -> Metrics:
+    """Per response, the mean per-token log-prob now minus at the start of training; averaged over
+    chosen and over rejected responses, plus the fraction of chosen responses whose likelihood fell.
+
+    `logp`, `start_logp`, `mask`: `[B, T]`; `sign`: `[B]`. Rows without scored tokens are left out.
+    """
+    scored = mask.bool()
+    lengths = scored.sum(1)
+    delta = torch.where(scored, logp.detach().float() - start_logp.detach().float(), torch.zeros_like(logp, dtype=torch.float32))
+    per_response = delta.sum(1) / lengths.clamp(min=1)
+    nonempty = lengths > 0
+    chosen, rejected = nonempty & (sign > 0), nonempty & (sign < 0)
+    metrics = Metrics()
+    metrics.add_mean("shift/chosen", per_response, chosen)
+    metrics.add_mean("shift/rejected", per_response, rejected)
+    metrics.add_mean("shift/chosen_down_frac", (per_response < 0).float(), chosen)
+    return metrics
+
+
+class DisplacementMonitor:
+    """Warn once when the chosen likelihood has fallen for `patience` consecutive logging steps."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.previous: float | None = None
+        self.falling = 0
+        self.start: float | None = None
+        self.warned = False
+
+    def update(self, shift_chosen: float) -> str | None:
+        """Feed the logged `shift/chosen`; returns the warning text the first time it is due."""
+        if self.previous is not None and shift_chosen < self.previous:
+            self.falling += 1
+        else:
+            self.falling, self.start = 0, shift_chosen
+        self.previous = shift_chosen
+        if self.falling >= self.patience and not self.warned:
+            self.warned = True
+            return (
+                f"likelihood displacement: the chosen responses' log-likelihood has fallen for {self.falling} "
+                f"consecutive logging steps (shift/chosen {self.start:+.4f} -> {shift_chosen:+.4f} per token). "
+                "The model is learning to prefer chosen over rejected by pushing both down; consider a lower "
+                "learning rate or more positive (SFT) data."
+            )
+        return None
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def preflight(tokens_per_step: int, vocab_size: int, dtype: torch.dtype, with_reference: bool,
+              chunk_size: int | None = None) -> dict[str, int]:
+    """Bytes of the `[tokens, vocab]` logits a logits-materialising trainer would hold for one micro-batch
+    (policy, and reference when the method has one), against the fused op's one `[chunk, V]` block."""
+    chunk = chunk_size or default_chunk_size(vocab_size, dtype)
+    full = tokens_per_step * vocab_size * dtype_bytes(dtype)
+    workspace = min(chunk, tokens_per_step) * vocab_size * (4 + 4 + dtype_bytes(dtype))
+    return {
+        "memory/preflight_full_logits_bytes": full * (2 if with_reference else 1),
+        "memory/preflight_fused_workspace_bytes": workspace,
+        "memory/preflight_chunk_rows": chunk,
+    }
+
+
+class PhaseMemory:
+    """Peak memory per phase of a training step: CUDA allocator peaks, or resident set size on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.peaks: dict[str, float] = {}
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def end(self, phase: str) -> None:
+        if self.cuda:
+            value = torch.cuda.max_memory_allocated(self.device)
+        else:
+            value = _rss_bytes()
+        self.peaks[phase] = max(self.peaks.get(phase, 0), value)
+
+    def metrics(self) -> dict[str, float]:
+        unit = "peak_allocated" if self.cuda else "rss"
+        return {f"memory/{unit}_{phase}_MiB": round(v / 2**20, 1) for phase, v in self.peaks.items()}
+
+
+def _rss_bytes() -> int:
+    try:
+        import resource
+
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, ImportError):
+        return 0
+
+
+FORMULAS = {
+    "bnf": "L = -(1/n) sum_i s_i (1/N_i) sum_t [q_t l_t + c_t (E_t - sg(p_t) l_t)],  q = min(p/p_ref, 1), "
+           "c = (1-q)/(1-p)",
+    "asft": "L = (1/n) sum [-c_sft lbar_w - lambda log sig(beta r_w) - lambda log sig(-beta r_l)],  "
+            "r = log(pibar/(1-pibar))",
+}
+PAPERS = {
+    "bnf": "BNF: Bidirectional Negative Feedback (Mao et al., arXiv 2410.04834, ICLR 2025)",
+    "asft": "ASFT: Aligned Supervised Fine-Tuning (Wang et al., arXiv 2409.10571) -- not Anchored SFT (2509.23753)",
+}
+
+
+def method_card(settings, reference: str, shift_metrics_on: bool, packing: bool) -> str:
+    """The few lines printed once at the start of training."""
+    lines = ["=" * 78, PAPERS[settings.method], "  " + FORMULAS[settings.method]]
+    if settings.method == "bnf":
+        lines.append(f"  length norm: {settings.length_norm} | reference: {reference}")
+    else:
+        lines.append(f"  lambda={settings.lam} beta={settings.beta} c_sft={settings.sft_weight} | reference: none "
+                     "(reference-free)")
+    lines.append(f"  fused log-prob op: impl={settings.impl}, chunk rows={settings.chunk_size or 'auto'} | "
+                 f"sample packing: {'on' if packing else 'off'} | shift metrics: {'on' if shift_metrics_on else 'off'}")
+    lines.append("=" * 78)
+    return "\n".join(lines)
