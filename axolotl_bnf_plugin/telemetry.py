@@ -12,6 +12,11 @@ from .kernels import default_chunk_size
 from .losses import Metrics
 
 
+# A response "went down" when its mean log-prob fell by more than this (nats per token): two scorings of
+# the same weights in differently padded batches differ by float noise, which must not count as a fall.
+DOWN_TOLERANCE = 1e-4
+
+
 def shift_metrics(logp: torch.Tensor, start_logp: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor) -> Metrics:
     """Per response, the mean per-token log-prob now minus at the start of training; averaged over
     chosen and over rejected responses, plus the fraction of chosen responses whose likelihood fell.
@@ -27,7 +32,7 @@ def shift_metrics(logp: torch.Tensor, start_logp: torch.Tensor, mask: torch.Tens
     metrics = Metrics()
     metrics.add_mean("shift/chosen", per_response, chosen)
     metrics.add_mean("shift/rejected", per_response, rejected)
-    metrics.add_mean("shift/chosen_down_frac", (per_response < 0).float(), chosen)
+    metrics.add_mean("shift/chosen_down_frac", (per_response < -DOWN_TOLERANCE).float(), chosen)
     return metrics
 
 

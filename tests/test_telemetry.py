@@ -20,6 +20,9 @@ def test_shift_metrics_by_hand():
     assert float(m["shift/rejected"]) == pytest.approx(0.0)
     assert float(m["shift/chosen_down_frac"]) == pytest.approx(0.5)
     assert int(m.counts["shift/chosen"]) == 2 and int(m.counts["shift/rejected"]) == 1
+    # Float noise between two scorings of the same weights is not a fall.
+    noise = shift_metrics(start + 1e-6 * torch.randn_like(start), start, mask, sign)
+    assert float(noise["shift/chosen_down_frac"]) == 0.0
 
 
 def test_displacement_warns_once_on_a_falling_trajectory():
