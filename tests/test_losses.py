@@ -18,29 +18,11 @@ from axolotl_bnf_plugin.losses import asft_loss, bnf_loss
 EPS = 1e-6  # the two 1e-6 constants in METHODS.md's definition of q and c
 ASFT_LBAR_CAP = -1e-6  # documented in asft_loss: log(1 - pibar) is evaluated at min(lbar, -1e-6)
 
-BNF_METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    "bnf/weight_chosen",
-    "bnf/weight_rejected",
-    "bnf/clipped_frac_chosen",
-    "bnf/clipped_frac_rejected",
-)
-ASFT_METRICS = (
-    "asft/nll_loss",
-    "asft/align_loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    "log_odds_chosen",
-)
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                      "logps/chosen", "logps/rejected")
+BNF_METRICS = PREFERENCE_METRICS + ("bnf/weight_chosen", "bnf/weight_rejected", "bnf/clipped_frac_chosen",
+                                    "bnf/clipped_frac_rejected")
+ASFT_METRICS = ("asft/nll_loss", "asft/align_loss") + PREFERENCE_METRICS + ("log_odds_chosen",)
 
 
 # --------------------------------------------------------------------------------------------------

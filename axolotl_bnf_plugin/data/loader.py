@@ -138,7 +138,7 @@ def _examples_dataset(examples: list[dict[str, Any]]) -> Dataset:
     return Dataset.from_list(examples, features=EXAMPLE_FEATURES)
 
 
-def _convert_dataset(cfg, raw_datasets, idx, tokenizer, label) -> tuple[Dataset, str]:
+def _convert_dataset(cfg, raw_datasets, idx, tokenizer, label, policy: LengthPolicy) -> tuple[Dataset, str]:
     """Example rows (with status and source row) for a data set loaded by Axolotl's loader."""
     ds_cfg = raw_datasets[idx]
     try:
@@ -149,7 +149,7 @@ def _convert_dataset(cfg, raw_datasets, idx, tokenizer, label) -> tuple[Dataset,
         return _examples_dataset([]), "row"
     columns = list(raw.column_names)
     to_candidate, how = candidate_function(cfg, raw_datasets, idx, tokenizer, columns, label, raw[0])
-    converter = RowConverter(to_candidate, tokenizer, _chat_template(cfg, ds_cfg, tokenizer), cfg.bnf_length_policy, label, columns)
+    converter = RowConverter(to_candidate, tokenizer, _chat_template(cfg, ds_cfg, tokenizer), policy, label, columns)
     _describe_format(converter, [(i, raw[i]) for i in range(min(len(raw), 20))], how, label)
     converted = raw.map(
         converter,
@@ -163,7 +163,7 @@ def _convert_dataset(cfg, raw_datasets, idx, tokenizer, label) -> tuple[Dataset,
     return converted, "row"
 
 
-def _convert_local_json(cfg, raw_datasets, idx, tokenizer, label) -> tuple[Dataset, str]:
+def _convert_local_json(cfg, raw_datasets, idx, tokenizer, label, policy: LengthPolicy) -> tuple[Dataset, str]:
     """Example rows for a local JSON / JSONL file read line by line (see `raw_rows`)."""
     ds_cfg = raw_datasets[idx]
     rows, problems = read_json_rows(ds_cfg["path"])
@@ -171,8 +171,7 @@ def _convert_local_json(cfg, raw_datasets, idx, tokenizer, label) -> tuple[Datas
     if rows:
         columns = sorted({key for _, row in rows for key in row})
         to_candidate, how = candidate_function(cfg, raw_datasets, idx, tokenizer, columns, label, rows[0][1])
-        converter = RowConverter(to_candidate, tokenizer, _chat_template(cfg, ds_cfg, tokenizer), cfg.bnf_length_policy,
-                                 label, columns)
+        converter = RowConverter(to_candidate, tokenizer, _chat_template(cfg, ds_cfg, tokenizer), policy, label, columns)
         _describe_format(converter, rows[:20], how, label)
         examples += [converter(row, line) for line, row in rows]
     examples.sort(key=lambda e: e[SOURCE_ROW])
@@ -180,12 +179,12 @@ def _convert_local_json(cfg, raw_datasets, idx, tokenizer, label) -> tuple[Datas
 
 
 def _prepare_split(cfg, tokenizer, raw_datasets: list[dict], split: str) -> tuple[Dataset, list[tuple]]:
-    cfg.bnf_length_policy = LengthPolicy(cfg.sequence_len, cfg.excess_length_strategy, packing=bool(cfg.sample_packing))
+    policy = LengthPolicy(cfg.sequence_len, cfg.excess_length_strategy, packing=bool(cfg.sample_packing))
     prepared, report = [], []
     for idx, ds_cfg in enumerate(raw_datasets):
         label = f"{'datasets' if split == 'train' else 'test_datasets'}[{idx}] ({ds_cfg.get('path')})"
         convert = _convert_local_json if is_local_json(ds_cfg) else _convert_dataset
-        converted, unit = convert(cfg, raw_datasets, idx, tokenizer, label)
+        converted, unit = convert(cfg, raw_datasets, idx, tokenizer, label, policy)
         statuses, sources = converted[STATUS], converted[SOURCE_ROW]
         counts = Counter(statuses)
         where: dict[str, list[int]] = {}
