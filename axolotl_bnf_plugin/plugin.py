@@ -8,6 +8,7 @@ from __future__ import annotations
 from axolotl.integrations.base import BasePlugin
 
 from .config import translate_raw_config
+from .processes import join_cpu_process_group, place_model_on_cpu
 
 
 class BNFPlugin(BasePlugin):
@@ -15,6 +16,8 @@ class BNFPlugin(BasePlugin):
 
     def register(self, cfg: dict):
         translate_raw_config(cfg)
+        if cfg.get("bnf_rl"):
+            join_cpu_process_group()
 
     def get_input_args(self) -> str:
         return "axolotl_bnf_plugin.config.BNFArgs"
@@ -46,7 +49,7 @@ class BNFPlugin(BasePlugin):
             return None
         from .data.loader import load_bnf_datasets
 
-        _cpu_device_map_for_multiprocess(cfg)
+        place_model_on_cpu(cfg)
         return load_bnf_datasets(cfg, preprocess=preprocess)
 
     def pre_model_load(self, cfg):
@@ -89,16 +92,3 @@ class BNFPlugin(BasePlugin):
 
         return [LogHistoryWriter(), PlotOnTrainEnd()]
 
-
-def _cpu_device_map_for_multiprocess(cfg) -> None:
-    """Let several CPU processes load the model, so the trainer can say what is wrong, clearly.
-
-    Axolotl's config normalisation sets `device_map = {"": LOCAL_RANK}` whenever world_size > 1, an
-    accelerator index that transformers refuses without one (an obscure error at model load). This hook
-    is the last plugin hook before the model loader reads `device_map`; on a machine without CUDA it
-    places each process's model on the CPU, and `BNFTrainer` then refuses the run (see there).
-    """
-    import torch
-
-    if (cfg.world_size or 1) > 1 and not torch.cuda.is_available() and isinstance(cfg.device_map, dict):
-        cfg.device_map = "cpu"

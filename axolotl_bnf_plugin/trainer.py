@@ -26,6 +26,7 @@ from .data.collator import ResponseBatchCollator, response_rows
 from .losses import asft_loss, batch_normalizer, bnf_loss
 from .model_io import response_token_logps, unwrap_peft
 from .numerics import StepGuard
+from .processes import launched_processes
 from .telemetry import DisplacementMonitor, PhaseMemory, method_card, preflight, shift_metrics
 
 LOG = get_logger(__name__)
@@ -108,14 +109,15 @@ class BNFTrainer(AxolotlTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        launched = launched_processes()
         if launched > 1 and self.args.world_size != launched:
-            # Seen with Axolotl 0.19 on CPU-only machines: accelerate's state is settled as "not distributed"
-            # before the training arguments exist, so each process would train alone on the same data.
+            # The processes would each train alone on the same data; `processes.join_cpu_process_group`
+            # exists to prevent this on CPU, so reaching here means the launch escaped it.
             raise RuntimeError(
                 f"{launched} processes were launched but the Trainer runs as {self.args.world_size}: they would "
-                "train independently and silently. Multi-process training needs GPUs (NCCL) with this Axolotl "
-                "version; on CPU, train with one process."
+                f"train independently and silently (accelerate state: {self.accelerator.distributed_type}). "
+                "Launch through `axolotl train --launcher torchrun` or `accelerate launch` (with `--cpu` on a "
+                "machine without GPUs), or train with one process."
             )
         self.settings = LossSettings.from_args(self.args)
         self.method = self.settings.method

@@ -1,8 +1,8 @@
-"""Multi-process training through Axolotl's own launcher (torchrun).
+"""Multi-process training through Axolotl's own launcher (torchrun): DDP over NCCL on GPUs, over gloo on CPU.
 
-With GPUs, 1 process and 2 DDP processes must follow the same trajectory. On a CPU-only machine, Axolotl
-0.19 + accelerate settle each process as "not distributed" before the Trainer exists, so the processes
-would train independently; the plugin must refuse that run with a clear message instead.
+1 process with micro-batch 4 and 2 processes with micro-batch 2 see the same global batches, so they must
+follow the same loss curve and reach the same weights (fp32). On a CPU-only machine this needs the plugin's
+`processes.join_cpu_process_group`; without it each process would train alone.
 """
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ import yaml
 from conftest import AXOLOTL_ENV, base_config
 
 from axolotl_bnf_plugin.summary import LOG_HISTORY_FILE
+
+needs_two_devices = pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="one GPU: 2 NCCL processes need 2"
+)
 
 
 def run_torchrun(cfg: dict, workdir: Path, processes: int, check: bool = True) -> subprocess.CompletedProcess:
@@ -35,35 +39,63 @@ def run_torchrun(cfg: dict, workdir: Path, processes: int, check: bool = True) -
     return proc
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (CPU multi-process is refused, below)")
-@pytest.mark.parametrize("method", ["bnf", "asft"])
-def test_two_processes_follow_the_single_process_trajectory(tiny_assets, tmp_path, method):
-    """DDP (2 processes x micro-batch 2) = 1 process x micro-batch 4: same global batches, same loss
-    curve and same final weights (fp32; the step's n is counted over both processes)."""
+def pairs_of_varied_length(tiny_assets: Path, out: Path) -> Path:
+    """The tiny pairs with each answer repeated 1-3 times, so that responses in a batch differ in length."""
+    rows = [json.loads(line) for line in (tiny_assets / "pairs_intel.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["chosen"] = " ".join([row["chosen"]] * (1 + i % 3))
+        row["rejected"] = " ".join([row["rejected"]] * (1 + (i // 3) % 3))
+    path = out / "pairs_varied.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def train(tiny_assets: Path, out: Path, method: str, processes: int, **overrides):
+    """Train 4 SGD steps on pairs (of varied length) + unpaired rows; return (step records, final weights)."""
     from safetensors.torch import load_file
 
-    datasets = [{"path": str(tiny_assets / "pairs_intel.jsonl"), "ds_type": "json"},
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = [{"path": str(pairs_of_varied_length(tiny_assets, out)), "ds_type": "json"},
                 {"path": str(tiny_assets / "unpaired.jsonl"), "ds_type": "json"}]
-    results = {}
-    for processes, mbs in ((1, 4), (2, 2)):
-        out = tmp_path / f"p{processes}"
-        cfg = base_config(tiny_assets, out, method, datasets=datasets, micro_batch_size=mbs, max_steps=4,
-                          optimizer="sgd", learning_rate=0.05, logging_steps=1)
-        run_torchrun(cfg, out, processes)
-        history = [json.loads(line) for line in (out / "run" / LOG_HISTORY_FILE).read_text().splitlines()]
-        results[processes] = ([r["loss"] for r in history if "loss" in r],
-                              load_file(str(out / "run" / "model.safetensors")))
-    (loss1, w1), (loss2, w2) = results[1], results[2]
-    assert len(loss1) == len(loss2) == 4
-    assert loss2 == pytest.approx(loss1, rel=1e-4, abs=1e-5)
-    for key in w1:
-        torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-6, msg=key)
+    cfg = base_config(tiny_assets, out, method, datasets=datasets, max_steps=4, optimizer="sgd",
+                      learning_rate=0.05, logging_steps=1, **overrides)
+    run_torchrun(cfg, out, processes)
+    history = [json.loads(line) for line in (out / "run" / LOG_HISTORY_FILE).read_text().splitlines()]
+    return [r for r in history if "loss" in r], load_file(str(out / "run" / "model.safetensors"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
-def test_cpu_multiprocess_run_is_refused_not_run_twice(tiny_assets, tmp_path):
-    cfg = base_config(tiny_assets, tmp_path, "bnf", max_steps=2)
-    proc = run_torchrun(cfg, tmp_path, 2, check=False)
-    assert proc.returncode != 0
-    assert "2 processes were launched but the Trainer runs as 1" in proc.stdout + proc.stderr
-    assert not (tmp_path / "run" / "model.safetensors").exists()
+def assert_same_run(a, b):
+    (steps_a, weights_a), (steps_b, weights_b) = a, b
+    assert len(steps_a) == len(steps_b) == 4
+    assert [r["loss"] for r in steps_b] == pytest.approx([r["loss"] for r in steps_a], rel=1e-5, abs=1e-5)
+    for name in ("rewards/margins", "logps/chosen", "shift/chosen"):
+        got = [r.get(name) for r in steps_b]
+        assert got == pytest.approx([r.get(name) for r in steps_a], rel=1e-4, abs=1e-4), name
+    for key in weights_a:
+        torch.testing.assert_close(weights_b[key], weights_a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@needs_two_devices
+@pytest.mark.parametrize("method", ["bnf", "asft"])
+def test_two_processes_follow_the_single_process_trajectory(tiny_assets, tmp_path, method):
+    """DDP (2 processes x micro-batch 2) = 1 process x micro-batch 4: same global batches, same loss curve
+    and same final weights (the step's n and the logged metrics are reduced over both processes)."""
+    single = train(tiny_assets, tmp_path / "p1", method, 1, micro_batch_size=4)
+    double = train(tiny_assets, tmp_path / "p2", method, 2, micro_batch_size=2)
+    assert_same_run(single, double)
+    # The run really changed the model and the two runs are not trivially equal.
+    assert single[0][0]["loss"] != single[0][-1]["loss"]
+
+
+@needs_two_devices
+def test_batch_min_is_taken_over_each_process_micro_batch(tiny_assets, tmp_path):
+    """`bnf_length_norm: batch_min` is the shortest response of each device's micro-batch: 2 processes x
+    micro-batch 2 equal 1 process x micro-batch 2 x accumulation 2 (rank r holds the step's r-th
+    micro-batch), and differ from 1 process x micro-batch 4, whose minimum spans all four rows."""
+    norm = {"bnf_length_norm": "batch_min"}
+    double = train(tiny_assets, tmp_path / "p2", "bnf", 2, micro_batch_size=2, **norm)
+    accumulated = train(tiny_assets, tmp_path / "ga", "bnf", 1, micro_batch_size=2, gradient_accumulation_steps=2,
+                        **norm)
+    assert_same_run(accumulated, double)
+    whole = train(tiny_assets, tmp_path / "p1", "bnf", 1, micro_batch_size=4, **norm)
+    assert [r["loss"] for r in whole[0]] != pytest.approx([r["loss"] for r in double[0]], rel=1e-3)
