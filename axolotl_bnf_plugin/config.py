@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -62,14 +65,27 @@ def _check_raw_config(cfg: dict, method: str) -> None:
         value = cfg.get(key)
         if value not in (None, False):
             raise PluginConfigError(f"{key!r} cannot be used with rl: {method}: {fix}")
-    if method == "bnf" and not cfg.get("adapter") and not cfg.get("bnf_precompute_ref"):
-        deepspeed = str(cfg.get("deepspeed") or "")
-        if "zero3" in deepspeed.replace("_", "").lower() or "stage3" in deepspeed.replace("_", "").lower():
-            raise PluginConfigError(
-                "rl: bnf with full fine-tuning under DeepSpeed ZeRO-3 cannot copy the sharded policy as its "
-                "reference; set bnf_precompute_ref: true (reference log-probs computed once, no reference "
-                "model) or train an adapter"
-            )
+    if _zero_stage(cfg.get("deepspeed")) == 3:
+        raise PluginConfigError(
+            f"rl: {method} cannot run under DeepSpeed ZeRO-3 ('deepspeed': {cfg.get('deepspeed')!r}): ZeRO-3 "
+            "partitions the output embedding, which the fused log-prob op needs whole. Use ZeRO-1/2, or FSDP2 "
+            "(fsdp_version: 2), under which the plugin gathers the output embedding"
+        )
+
+
+def _zero_stage(deepspeed: Any) -> int | None:
+    """The ZeRO stage of Axolotl's `deepspeed:` value: an inline dict, a JSON file, or (unreadable) its name."""
+    if not deepspeed:
+        return None
+    config = deepspeed
+    if isinstance(deepspeed, (str, os.PathLike)):
+        try:
+            config = json.loads(Path(deepspeed).read_text())
+        except (OSError, ValueError):
+            name = str(deepspeed).replace("_", "").replace("-", "").lower()
+            return 3 if ("zero3" in name or "stage3" in name) else None
+    stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
 
 
 def translate_raw_config(cfg: dict) -> str | None:

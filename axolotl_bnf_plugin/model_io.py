@@ -23,6 +23,19 @@ class OutputHead:
     weight: torch.Tensor
     bias: torch.Tensor | None
     transform: LogitTransform
+    # The FSDP2 unit `output_head` gathered to get `weight`, if any (see `_whole_output_weight`).
+    gathered_unit: torch.nn.Module | None = None
+
+    def release(self) -> None:
+        """Reshard a unit gathered for a no-grad pass; a gradient pass leaves that to FSDP's backward.
+
+        A unit left gathered after a no-grad pass (the reference pass of a LoRA policy, run with its adapter
+        disabled) would be gathered while PEFT re-enables the adapter, and FSDP2 then loses the adapter's
+        gradients; resharding at once also returns the memory.
+        """
+        if self.gathered_unit is not None and not torch.is_grad_enabled():
+            self.gathered_unit.reshard()
+            self.gathered_unit = None
 
 
 def unwrap(model, keep_peft: bool = False):
@@ -58,28 +71,52 @@ def logit_transform(config) -> LogitTransform:
     return LogitTransform(scale=scale, softcap=float(softcap) if softcap else None)
 
 
-def _refuse_shards(weight: torch.Tensor) -> None:
-    """The fused op needs the whole `[V, H]` output embedding; a shard would silently score a slice of
-    the vocabulary. FSDP2 keeps parameters as DTensors and ZeRO-3 partitions them outside forward."""
+def _is_dtensor(tensor: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover
-        DTensor = ()
-    if isinstance(weight, DTensor) or hasattr(weight, "ds_id"):
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _whole_output_weight(base, head: torch.nn.Module) -> tuple[torch.Tensor, torch.nn.Module | None]:
+    """The whole `[V, H]` output embedding, gathered if FSDP2 holds it sharded; never a shard.
+
+    Where `lm_head` shares FSDP2's root unit (the usual layout: decoder layers wrapped, the rest in the
+    root), the root keeps it gathered from forward to backward and there is nothing to do. Where the head
+    (or the input embedding it is tied to) is an FSDP2 unit of its own, it was resharded after its forward:
+    `unshard()` gathers it again, and FSDP's end-of-backward callback reduce-scatters its gradient and
+    reshards it, as for any unit whose parameters were used. ZeRO-3 partitions and FSDP1 views (`ds_id`,
+    flat 1-D views) cannot be gathered here: they are refused, not scored as a slice of the vocabulary.
+    Returns the weight and the FSDP2 unit gathered for it (None when nothing was gathered).
+    """
+    weight, gathered = head.weight, None
+    if _is_dtensor(weight):
+        tied_to = base.get_input_embeddings()
+        for unit in (head, tied_to):
+            if unit is not None and unit.weight is weight and callable(getattr(unit, "unshard", None)):
+                unit.unshard()
+                weight, gathered = head.weight, unit
+                break
+    in_features = getattr(head, "in_features", None)
+    if (_is_dtensor(weight) or hasattr(weight, "ds_id") or weight.dim() != 2
+            or (in_features is not None and weight.shape[1] != in_features)):
         raise NotImplementedError(
-            "rl: bnf / asft: the output embedding is sharded (FSDP / DeepSpeed ZeRO-3), and gathering it for "
-            "the fused log-prob op is not supported yet; use DDP or ZeRO-1/2, or an adapter with a replicated "
-            "lm_head"
+            f"rl: bnf / asft: the output embedding is sharded ({type(weight).__name__} of shape "
+            f"{tuple(weight.shape)}: DeepSpeed ZeRO-3 or FSDP1, or an FSDP2 layout whose head cannot be "
+            "gathered) and the fused log-prob op needs all of it; use DDP, ZeRO-1/2 or FSDP2 "
+            "(fsdp_version: 2)"
         )
+    return weight, gathered
 
 
 def output_head(model) -> OutputHead:
+    """The output head as the fused op needs it, gathered in full (see `_whole_output_weight`)."""
     base = unwrap(model)
     head = base.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(base).__name__} has no output embedding: rl: bnf / asft needs a causal LM head")
-    weight = head.weight
-    _refuse_shards(weight)
+    weight, gathered = _whole_output_weight(base, head)
     if hasattr(head, "get_delta_weight") and hasattr(head, "active_adapters"):
         # A LoRA layer on lm_head: score with the adapted weight, differentiably w.r.t. the adapter,
         # unless the adapter is disabled (reference pass) or already merged into the base weight.
@@ -90,7 +127,7 @@ def output_head(model) -> OutputHead:
         bias = getattr(head.get_base_layer(), "bias", None)
     else:
         bias = getattr(head, "bias", None)
-    return OutputHead(weight=weight, bias=bias, transform=logit_transform(base.config))
+    return OutputHead(weight=weight, bias=bias, transform=logit_transform(base.config), gathered_unit=gathered)
 
 
 @contextlib.contextmanager
@@ -133,23 +170,26 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
     """
     hidden, last_logits = forward_hidden(model, batch)
     head = output_head(model)
-    if check_head:
-        check_head_matches(model, hidden, last_logits, head)
-    rows, length, width = hidden.shape
-    labels = batch["labels"]
-    targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
-    logp, neg_entropy = token_logprobs(
-        hidden.reshape(-1, width),
-        head.weight,
-        targets.reshape(-1),
-        bias=head.bias,
-        ignore_index=IGNORE_INDEX,
-        chunk_size=chunk_size,
-        softcap=head.transform.softcap,
-        scale=head.transform.scale,
-        impl=impl,
-        row_index=batch.get("scored_index"),
-    )
+    try:
+        if check_head:
+            check_head_matches(model, hidden, last_logits, head)
+        rows, length, width = hidden.shape
+        labels = batch["labels"]
+        targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
+        logp, neg_entropy = token_logprobs(
+            hidden.reshape(-1, width),
+            head.weight,
+            targets.reshape(-1),
+            bias=head.bias,
+            ignore_index=IGNORE_INDEX,
+            chunk_size=chunk_size,
+            softcap=head.transform.softcap,
+            scale=head.transform.scale,
+            impl=impl,
+            row_index=batch.get("scored_index"),
+        )
+    finally:
+        head.release()
     return logp.view(rows, length), neg_entropy.view(rows, length), targets != IGNORE_INDEX
 
 

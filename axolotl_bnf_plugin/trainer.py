@@ -24,7 +24,7 @@ from axolotl.utils.logging import get_logger
 
 from .data.collator import ResponseBatchCollator, response_rows
 from .losses import asft_loss, batch_normalizer, bnf_loss
-from .model_io import response_token_logps, unwrap_peft
+from .model_io import response_token_logps, unwrap, unwrap_peft
 from .numerics import StepGuard
 from .processes import launched_processes
 from .telemetry import DisplacementMonitor, PhaseMemory, method_card, preflight, shift_metrics
@@ -71,18 +71,22 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
     same tokens come from the same fused op under `no_grad`. `normalizer` replaces the batch's own n
     (pairs + unpaired responses), e.g. by the n of a whole optimiser step.
     """
+    # The initial policy's log-probs: precomputed once (bnf_precompute_ref, or ASFT's shift metrics), or
+    # BNF's live reference. The live reference is scored before the policy: when it is the policy itself with
+    # its adapter disabled, a forward after the policy's could reshard (FSDP2) a head the policy's backward uses.
+    if "ref_logps" in batch:
+        start_logp = response_rows(batch, batch["ref_logps"])[1]
+    elif settings.method == "bnf":
+        start_logp = _live_reference_logps(batch, settings, reference)
+    else:
+        start_logp = None
     logp, neg_entropy, _ = response_token_logps(model, batch, settings.chunk_size, check_head=check_head,
                                                 impl=settings.impl)
     mask, logp, neg_entropy = response_rows(batch, logp, neg_entropy)
-    # The initial policy's log-probs: precomputed once (bnf_precompute_ref, or ASFT's shift metrics), or
-    # BNF's live reference.
-    start_logp = response_rows(batch, batch["ref_logps"])[1] if "ref_logps" in batch else None
     if settings.method == "asft":
         loss, metrics = asft_loss(logp, mask, batch["sign"], batch["pair_ids"], lam=settings.lam, beta=settings.beta,
                                   sft_weight=settings.sft_weight, normalizer=normalizer)
     else:
-        if start_logp is None:
-            start_logp = _live_reference_logps(batch, settings, reference)
         loss, metrics = bnf_loss(logp, start_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
                                  length_norm=settings.length_norm, normalizer=normalizer)
     if start_logp is not None:
@@ -162,11 +166,10 @@ class BNFTrainer(AxolotlTrainer):
         return self.method == "bnf" or bool(self.args.bnf_shift_metrics)
 
     def _preflight_bytes(self) -> dict[str, int]:
-        from .model_io import output_head
-
-        head = output_head(self.model)
+        # Shape and dtype only: a sharded (DTensor) weight reports its global shape, and is not gathered.
+        weight = unwrap(self.model).get_output_embeddings().weight
         tokens = self.args.per_device_train_batch_size * 2 * self.args.max_seq_length
-        return preflight(tokens, head.weight.shape[0], head.weight.dtype,
+        return preflight(tokens, weight.shape[0], weight.dtype,
                          with_reference=self.method == "bnf" and not self.precomputed_reference,
                          chunk_size=self.settings.chunk_size)
 

@@ -1,6 +1,8 @@
 """The plugin's configuration: `rl:` translation, key validation, and clear load-time errors."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from conftest import base_config
@@ -97,14 +99,21 @@ def test_options_that_cannot_apply_are_rejected(key, value, fix):
     translate_raw_config({"rl": "asft", key: False if value is True else None})  # off: fine
 
 
-def test_full_finetune_bnf_under_zero3_needs_precompute_or_adapter():
+@pytest.mark.parametrize("method", ["bnf", "asft"])
+def test_zero3_is_refused_for_every_method_and_setup(tmp_path, method):
+    """ZeRO-3 partitions the output embedding: refused by file content, inline dict or file name."""
     from axolotl_bnf_plugin.config import PluginConfigError
 
-    with pytest.raises(PluginConfigError, match="bnf_precompute_ref: true"):
-        translate_raw_config({"rl": "bnf", "deepspeed": "deepspeed_configs/zero3_bf16.json"})
-    translate_raw_config({"rl": "bnf", "deepspeed": "deepspeed_configs/zero3_bf16.json", "bnf_precompute_ref": True})
-    translate_raw_config({"rl": "bnf", "deepspeed": "zero3.json", "adapter": "lora"})
-    translate_raw_config({"rl": "asft", "deepspeed": "zero3.json"})
+    stage3 = tmp_path / "ds.json"
+    stage3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    for value in (str(stage3), {"zero_optimization": {"stage": 3}}, "deepspeed_configs/zero3_bf16.json"):
+        for extra in ({}, {"adapter": "lora"}, {"bnf_precompute_ref": True}):
+            with pytest.raises(PluginConfigError, match="ZeRO-3 partitions the output embedding.*FSDP2"):
+                translate_raw_config({"rl": method, "deepspeed": value, **extra})
+    stage2 = tmp_path / "zero3_named_but_stage2.json"
+    stage2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    translate_raw_config({"rl": method, "deepspeed": str(stage2)})
+    translate_raw_config({"rl": method, "deepspeed": {"zero_optimization": {"stage": 1}}})
 
 
 def test_bad_config_fails_in_load_cfg_before_any_model(tiny_assets, tmp_path):

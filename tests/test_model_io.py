@@ -131,3 +131,12 @@ def test_sharded_output_embedding_is_refused_not_sliced():
     model.lm_head.weight.ds_id = 7  # what DeepSpeed ZeRO-3 attaches to a partitioned parameter
     with pytest.raises(NotImplementedError, match="sharded"):
         output_head(model)
+
+
+def test_flat_parameter_view_of_the_head_is_refused():
+    """FSDP1 leaves a resharded parameter as a 1-D view of its local shard: never score it."""
+    model = _model("llama")
+    flat = model.lm_head.weight.detach().reshape(-1)[: model.lm_head.weight.numel() // 2]
+    model.lm_head.weight = torch.nn.Parameter(flat.clone())
+    with pytest.raises(NotImplementedError, match=r"sharded \(Parameter of shape"):
+        output_head(model)
