@@ -25,7 +25,8 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest==8.4.2", "pytest-timeout==2.4.0"],
+        # deepspeed: the ZeRO-3 tests (same range as Axolotl's own `deepspeed` extra).
+        "test": ["pytest==8.4.2", "pytest-timeout==2.4.0", "deepspeed>=0.18.6,<0.19"],
     },
     entry_points={"axolotl.plugins": ["bnf = axolotl_bnf_plugin:BNFPlugin"]},
 )

@@ -66,10 +66,33 @@ def _check_raw_config(cfg: dict, method: str) -> None:
         if value not in (None, False):
             raise PluginConfigError(f"{key!r} cannot be used with rl: {method}: {fix}")
     if _zero_stage(cfg.get("deepspeed")) == 3:
+        _check_zero3(cfg, method)
+
+
+def _check_zero3(cfg: dict, method: str) -> None:
+    """What cannot run under ZeRO-3: anything that needs the policy's weights before DeepSpeed's engine exists.
+
+    The model is loaded partitioned, so it can neither be copied (BNF's frozen reference under full
+    fine-tuning) nor run before the engine's hooks gather its layers (scoring the data once at the start:
+    `bnf_precompute_ref`, and ASFT's shift-metric baseline). BNF with an adapter needs neither: its reference
+    is the policy with the adapter disabled, scored during training.
+    """
+    where = f"under DeepSpeed ZeRO-3 ('deepspeed': {cfg.get('deepspeed')!r})"
+    if cfg.get("bnf_precompute_ref"):
         raise PluginConfigError(
-            f"rl: {method} cannot run under DeepSpeed ZeRO-3 ('deepspeed': {cfg.get('deepspeed')!r}): ZeRO-3 "
-            "partitions the output embedding, which the fused log-prob op needs whole. Use ZeRO-1/2, or FSDP2 "
-            "(fsdp_version: 2), under which the plugin gathers the output embedding"
+            f"bnf_precompute_ref cannot be used {where}: it scores the data with the policy before DeepSpeed's "
+            "engine exists, and ZeRO-3 loads the policy partitioned; remove it and train an adapter (the "
+            "reference is then the policy with its adapter disabled)"
+        )
+    if method == "bnf" and not cfg.get("adapter"):
+        raise PluginConfigError(
+            f"rl: bnf with full fine-tuning {where} has no reference: the partitioned policy cannot be copied; "
+            "train an adapter (adapter: lora), whose disabled policy is the reference"
+        )
+    if method == "asft" and cfg.get("bnf_shift_metrics", True):
+        raise PluginConfigError(
+            f"rl: asft's shift metrics {where} need the initial policy to score the data before DeepSpeed's "
+            "engine exists, and ZeRO-3 loads the policy partitioned; set bnf_shift_metrics: false"
         )
 
 

@@ -86,8 +86,10 @@ def _whole_output_weight(base, head: torch.nn.Module) -> tuple[torch.Tensor, tor
     root), the root keeps it gathered from forward to backward and there is nothing to do. Where the head
     (or the input embedding it is tied to) is an FSDP2 unit of its own, it was resharded after its forward:
     `unshard()` gathers it again, and FSDP's end-of-backward callback reduce-scatters its gradient and
-    reshards it, as for any unit whose parameters were used. ZeRO-3 partitions and FSDP1 views (`ds_id`,
-    flat 1-D views) cannot be gathered here: they are refused, not scored as a slice of the vocabulary.
+    reshards it, as for any unit whose parameters were used. ZeRO-3 gathers a module's parameters only
+    while that module runs, so `response_token_logps` scores inside a call of the head (see
+    `_score_inside_head_call`), where this sees the gathered weight. Anything still not `[V, H]` (FSDP1's
+    flat views, a ZeRO-3 partition outside that call) is refused, never scored as a slice of the vocabulary.
     Returns the weight and the FSDP2 unit gathered for it (None when nothing was gathered).
     """
     weight, gathered = head.weight, None
@@ -99,13 +101,12 @@ def _whole_output_weight(base, head: torch.nn.Module) -> tuple[torch.Tensor, tor
                 weight, gathered = head.weight, unit
                 break
     in_features = getattr(head, "in_features", None)
-    if (_is_dtensor(weight) or hasattr(weight, "ds_id") or weight.dim() != 2
-            or (in_features is not None and weight.shape[1] != in_features)):
+    if _is_dtensor(weight) or weight.dim() != 2 or (in_features is not None and weight.shape[1] != in_features):
         raise NotImplementedError(
             f"rl: bnf / asft: the output embedding is sharded ({type(weight).__name__} of shape "
-            f"{tuple(weight.shape)}: DeepSpeed ZeRO-3 or FSDP1, or an FSDP2 layout whose head cannot be "
-            "gathered) and the fused log-prob op needs all of it; use DDP, ZeRO-1/2 or FSDP2 "
-            "(fsdp_version: 2)"
+            f"{tuple(weight.shape)}: FSDP1, or a layout whose head cannot be gathered, such as a LoRA adapter "
+            "on lm_head under ZeRO-3) and the fused log-prob op needs all of it; use DDP, FSDP2 "
+            "(fsdp_version: 2) or DeepSpeed ZeRO-1/2/3 with a plain lm_head"
         )
     return weight, gathered
 
@@ -169,28 +170,56 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
     last-position logits are compared with the op's projection first (see `check_head_matches`).
     """
     hidden, last_logits = forward_hidden(model, batch)
-    head = output_head(model)
-    try:
-        if check_head:
-            check_head_matches(model, hidden, last_logits, head)
-        rows, length, width = hidden.shape
-        labels = batch["labels"]
-        targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
-        logp, neg_entropy = token_logprobs(
-            hidden.reshape(-1, width),
-            head.weight,
-            targets.reshape(-1),
-            bias=head.bias,
-            ignore_index=IGNORE_INDEX,
-            chunk_size=chunk_size,
-            softcap=head.transform.softcap,
-            scale=head.transform.scale,
-            impl=impl,
-            row_index=batch.get("scored_index"),
-        )
-    finally:
-        head.release()
+    rows, length, width = hidden.shape
+    labels = batch["labels"]
+    targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
+
+    def score(flat_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        head = output_head(model)
+        try:
+            if check_head:
+                check_head_matches(model, hidden, last_logits, head)
+            return token_logprobs(
+                flat_hidden,
+                head.weight,
+                targets.reshape(-1),
+                bias=head.bias,
+                ignore_index=IGNORE_INDEX,
+                chunk_size=chunk_size,
+                softcap=head.transform.softcap,
+                scale=head.transform.scale,
+                impl=impl,
+                row_index=batch.get("scored_index"),
+            )
+        finally:
+            head.release()
+
+    head_module = unwrap(model).get_output_embeddings()
+    if hasattr(head_module.weight, "ds_id"):
+        logp, neg_entropy = _score_inside_head_call(head_module, score, hidden.reshape(-1, width))
+    else:
+        logp, neg_entropy = score(hidden.reshape(-1, width))
     return logp.view(rows, length), neg_entropy.view(rows, length), targets != IGNORE_INDEX
+
+
+def _score_inside_head_call(head_module: torch.nn.Module, score, flat_hidden: torch.Tensor):
+    """Run `score(flat_hidden)` as the forward of `head_module`, so DeepSpeed ZeRO-3 handles the head as usual.
+
+    ZeRO-3 gathers a module's parameters in its pre-forward hook and partitions them again after; it gathers
+    them again before the module's outputs receive their gradient and reduce-scatters the weight's gradient.
+    Called this way, the fused op sees the whole weight in forward and in backward, and the gradient takes
+    ZeRO-3's own path.
+    """
+    had_own_forward = "forward" in head_module.__dict__
+    own_forward = head_module.__dict__.get("forward")
+    head_module.forward = score
+    try:
+        return head_module(flat_hidden)
+    finally:
+        if had_own_forward:
+            head_module.forward = own_forward
+        else:
+            del head_module.forward
 
 
 @torch.no_grad()

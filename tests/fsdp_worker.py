@@ -46,12 +46,12 @@ def examples_and_tokenizer():
     return tokenizer, out
 
 
-def build_policy(tokenizer, layout: str, adapter: bool):
+def build_policy(tokenizer, layout: str, adapter: bool, lora_head: bool = True):
     torch.manual_seed(0)
     model = build_model(len(tokenizer), seed=1, tie=layout == "tied").float()
     if adapter:
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0,
-                            init_lora_weights=False)
+        targets = ["q_proj", "v_proj"] + (["lm_head"] if lora_head else [])
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
         model = get_peft_model(model, config)
     return model
 

@@ -99,21 +99,25 @@ def test_options_that_cannot_apply_are_rejected(key, value, fix):
     translate_raw_config({"rl": "asft", key: False if value is True else None})  # off: fine
 
 
-@pytest.mark.parametrize("method", ["bnf", "asft"])
-def test_zero3_is_refused_for_every_method_and_setup(tmp_path, method):
-    """ZeRO-3 partitions the output embedding: refused by file content, inline dict or file name."""
+def test_zero3_refuses_what_needs_the_policy_before_the_engine(tmp_path):
+    """The stage is read from the file, an inline dict, or (unreadable file) the name."""
     from axolotl_bnf_plugin.config import PluginConfigError
 
     stage3 = tmp_path / "ds.json"
     stage3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     for value in (str(stage3), {"zero_optimization": {"stage": 3}}, "deepspeed_configs/zero3_bf16.json"):
-        for extra in ({}, {"adapter": "lora"}, {"bnf_precompute_ref": True}):
-            with pytest.raises(PluginConfigError, match="ZeRO-3 partitions the output embedding.*FSDP2"):
-                translate_raw_config({"rl": method, "deepspeed": value, **extra})
+        with pytest.raises(PluginConfigError, match="full fine-tuning under DeepSpeed ZeRO-3.*adapter: lora"):
+            translate_raw_config({"rl": "bnf", "deepspeed": value})
+        with pytest.raises(PluginConfigError, match="bnf_precompute_ref cannot be used under DeepSpeed ZeRO-3"):
+            translate_raw_config({"rl": "bnf", "deepspeed": value, "adapter": "lora", "bnf_precompute_ref": True})
+        with pytest.raises(PluginConfigError, match="set bnf_shift_metrics: false"):
+            translate_raw_config({"rl": "asft", "deepspeed": value})
+        translate_raw_config({"rl": "bnf", "deepspeed": value, "adapter": "lora"})
+        translate_raw_config({"rl": "asft", "deepspeed": value, "bnf_shift_metrics": False})
     stage2 = tmp_path / "zero3_named_but_stage2.json"
     stage2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    translate_raw_config({"rl": method, "deepspeed": str(stage2)})
-    translate_raw_config({"rl": method, "deepspeed": {"zero_optimization": {"stage": 1}}})
+    translate_raw_config({"rl": "bnf", "deepspeed": str(stage2), "bnf_precompute_ref": True})
+    translate_raw_config({"rl": "asft", "deepspeed": {"zero_optimization": {"stage": 1}}})
 
 
 def test_bad_config_fails_in_load_cfg_before_any_model(tiny_assets, tmp_path):

@@ -125,10 +125,11 @@ def test_no_full_logits_are_computed():
     assert seen == [torch.Size([3, 1, 97])]
 
 
-def test_sharded_output_embedding_is_refused_not_sliced():
-    """A DTensor (FSDP2) or ZeRO-3 partitioned weight must never be scored as if it were the whole head."""
+def test_partitioned_output_embedding_is_refused_not_sliced():
+    """A weight that is not the whole `[V, H]` head (a ZeRO-3 partition outside its module's call) must
+    never be scored as if it were."""
     model = _model("llama")
-    model.lm_head.weight.ds_id = 7  # what DeepSpeed ZeRO-3 attaches to a partitioned parameter
+    model.lm_head.weight.data = torch.empty(0)  # what ZeRO-3 leaves in a partitioned parameter
     with pytest.raises(NotImplementedError, match="sharded"):
         output_head(model)
 
