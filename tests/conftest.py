@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny local model + toy preference data, and a runner for the real `axolotl` CLI."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -90,3 +91,12 @@ def run_axolotl(command: str, cfg: dict, workdir: Path, check: bool = True) -> s
     if check and proc.returncode != 0:
         raise AssertionError(f"axolotl {command} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_two_process_worker(worker: Path, out: Path, **env) -> list[dict]:
+    """Run a `tests/*_worker.py` script under `torchrun --nproc_per_node 2`; return the records it wrote."""
+    full_env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(out)]
+    proc = subprocess.run(cmd, cwd=worker.parent, env=full_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(out.read_text())

@@ -6,25 +6,17 @@ tiny model with `tests/fsdp_worker.py`; the cases are listed there.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_two_process_worker
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp") / "records.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER), str(out)]
-    proc = subprocess.run(cmd, cwd=WORKER.parent, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(out.read_text())
+    return run_two_process_worker(WORKER, tmp_path_factory.mktemp("fsdp") / "records.json")
 
 
 def test_every_layout_and_method_ran(records):

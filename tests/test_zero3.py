@@ -6,27 +6,19 @@ directly on the tiny model with `tests/zero3_worker.py`; the cases are listed th
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_two_process_worker
 
-pytest.importorskip("deepspeed", reason="installed by the test extra (pip install -e .[test])")
 WORKER = Path(__file__).with_name("zero3_worker.py")
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3") / "records.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")  # gloo on CPU, also on a GPU machine
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER), str(out)]
-    proc = subprocess.run(cmd, cwd=WORKER.parent, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(out.read_text())
+    # gloo on CPU, also on a GPU machine
+    return run_two_process_worker(WORKER, out, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
 
 
 def test_every_case_ran_with_a_partitioned_head(records):
