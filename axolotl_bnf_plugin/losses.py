@@ -121,6 +121,36 @@ def _add_preference_metrics(metrics: Metrics, rewards, logps, sign, pair_ids, no
     metrics.add_mean("logps/rejected", logps, rejected)
 
 
+def bnf_token_weight(logp: torch.Tensor, ref_logp: torch.Tensor):
+    """(q, c, w) per token: the target's label mass q, the spread factor c, and w = dg/dl = q - c * p_y."""
+    p_y = logp.exp()
+    q = torch.clamp(p_y / (ref_logp.exp() + 1e-6), max=1.0)
+    c = (1.0 - q + 1e-6) / (1.0 - p_y + 1e-6)
+    return q, c, q - c * p_y
+
+
+def bnf_length_normalizer(lengths: torch.Tensor, length_norm: str) -> torch.Tensor:
+    """Each response's divisor: its own scored length, or the micro-batch's shortest non-empty one."""
+    if length_norm == "sequence":
+        return lengths.clamp(min=1)
+    nonempty = lengths > 0
+    shortest = torch.where(nonempty, lengths, torch.full_like(lengths, float("inf"))).min()
+    return torch.where(nonempty.any(), shortest, torch.ones_like(shortest)).expand_as(lengths)
+
+
+def bnf_response_scale(mask, sign, pair_ids=None, length_norm: str = "sequence", normalizer=None) -> torch.Tensor:
+    """`[B]` d loss / d (a token's weighted score) for each response: -sign / (length normaliser * n).
+
+    BNF's gradient w.r.t. a token's label log-prob is this times the token's `w`; the single-pass op
+    (`kernels.token_logprobs(..., bnf_grad=...)`) builds the gradient from it during the forward.
+    """
+    if length_norm not in LENGTH_NORMS:
+        raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
+    lengths = mask.bool().sum(1).float()
+    n = _resolve_normalizer(normalizer, pair_ids, mask)
+    return -sign.float() / (bnf_length_normalizer(lengths, length_norm) * n)
+
+
 def bnf_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -161,20 +191,12 @@ def bnf_loss(
     neg_ent = torch.where(scored, neg_entropy.float(), zero).detach()
 
     with torch.no_grad():
+        q, c, weight = bnf_token_weight(logp.detach(), ref)
         p_y = logp.detach().exp()
-        q = torch.clamp(p_y / (ref.exp() + 1e-6), max=1.0)
-        c = (1.0 - q + 1e-6) / (1.0 - p_y + 1e-6)
-        weight = q - c * p_y
     score = q * logp + c * (neg_ent - p_y * logp)
 
     lengths = scored.sum(1).float()
-    if length_norm == "sequence":
-        per_row_norm = lengths.clamp(min=1)
-    else:
-        nonempty = lengths > 0
-        shortest = torch.where(nonempty, lengths, torch.full_like(lengths, float("inf"))).min()
-        per_row_norm = torch.where(nonempty.any(), shortest, torch.ones_like(shortest)).expand_as(lengths)
-    seq_score = torch.where(scored, score, zero).sum(1) / per_row_norm
+    seq_score = torch.where(scored, score, zero).sum(1) / bnf_length_normalizer(lengths, length_norm)
     n = _resolve_normalizer(normalizer, pair_ids, mask)
     loss = -(sign.float() * seq_score).sum() / n
 

@@ -162,12 +162,14 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 
 def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
-                         check_head: bool = False, impl: str = "auto"):
+                         check_head: bool = False, impl: str = "auto", bnf_grad=None):
     """Per-token (logp, neg_entropy, scored mask), each `[R, L]`, of every row's own next tokens.
 
     Position t scores label t + 1 (the usual causal shift); only tokens whose label is not -100 are
     scored, and the fused op never forms the `[R * L, V]` logits. With `check_head`, the model's own
     last-position logits are compared with the op's projection first (see `check_head_matches`).
+    `bnf_grad`: per-position `(ref_logp, token_scale)` `[R, L]` for BNF's single-pass gradient (see
+    `kernels.token_logprobs`).
     """
     hidden, last_logits = forward_hidden(model, batch)
     rows, length, width = hidden.shape
@@ -190,6 +192,7 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
                 scale=head.transform.scale,
                 impl=impl,
                 row_index=batch.get("scored_index"),
+                bnf_grad=bnf_grad,
             )
         finally:
             head.release()

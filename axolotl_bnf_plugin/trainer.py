@@ -22,8 +22,8 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.logging import get_logger
 
-from .data.collator import ResponseBatchCollator, response_rows
-from .losses import asft_loss, batch_normalizer, bnf_loss
+from .data.collator import ResponseBatchCollator, per_position, response_rows
+from .losses import asft_loss, batch_normalizer, bnf_loss, bnf_response_scale
 from .model_io import response_token_logps, unwrap, unwrap_peft
 from .numerics import StepGuard
 from .processes import launched_processes
@@ -43,6 +43,9 @@ class LossSettings:
     sft_weight: float = 1.0
     chunk_size: int | None = None
     impl: str = "auto"
+    # BNF: build the gradient in the forward pass (one logits pass, `kernels/single_pass.py`); False = the
+    # two-pass op, recomputing the logits in backward. Same loss and gradient either way (tested).
+    single_pass: bool = True
 
     def __post_init__(self):
         if self.method not in ("bnf", "asft"):
@@ -75,14 +78,20 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
     # BNF's live reference. The live reference is scored before the policy: when it is the policy itself with
     # its adapter disabled, a forward after the policy's could reshard (FSDP2) a head the policy's backward uses.
     if "ref_logps" in batch:
-        start_logp = response_rows(batch, batch["ref_logps"])[1]
+        start_token_logp = batch["ref_logps"]
     elif settings.method == "bnf":
-        start_logp = _live_reference_logps(batch, settings, reference)
+        start_token_logp = _live_reference_token_logps(batch, settings, reference)
     else:
-        start_logp = None
+        start_token_logp = None
+    bnf_grad = None
+    if settings.method == "bnf" and settings.single_pass:
+        mask = response_rows(batch)[0]
+        scale = bnf_response_scale(mask, batch["sign"], batch["pair_ids"], settings.length_norm, normalizer)
+        bnf_grad = (start_token_logp, per_position(batch, scale))
     logp, neg_entropy, _ = response_token_logps(model, batch, settings.chunk_size, check_head=check_head,
-                                                impl=settings.impl)
+                                                impl=settings.impl, bnf_grad=bnf_grad)
     mask, logp, neg_entropy = response_rows(batch, logp, neg_entropy)
+    start_logp = response_rows(batch, start_token_logp)[1] if start_token_logp is not None else None
     if settings.method == "asft":
         loss, metrics = asft_loss(logp, mask, batch["sign"], batch["pair_ids"], lam=settings.lam, beta=settings.beta,
                                   sft_weight=settings.sft_weight, normalizer=normalizer)
@@ -94,7 +103,8 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
     return loss, metrics
 
 
-def _live_reference_logps(batch, settings: LossSettings, reference) -> torch.Tensor:
+def _live_reference_token_logps(batch, settings: LossSettings, reference) -> torch.Tensor:
+    """The reference's per-position label log-probs `[rows, T]`, from the same fused op, without gradient."""
     if reference is None:
         raise ValueError("BNF needs a reference model (or an adapter to disable)")
     if isinstance(reference, DisabledAdapter):
@@ -102,8 +112,7 @@ def _live_reference_logps(batch, settings: LossSettings, reference) -> torch.Ten
     else:
         ref_model, ctx = reference, contextlib.nullcontext()
     with torch.no_grad(), ctx:
-        ref_token_logp, _, _ = response_token_logps(ref_model, batch, settings.chunk_size, impl=settings.impl)
-    return response_rows(batch, ref_token_logp)[1]
+        return response_token_logps(ref_model, batch, settings.chunk_size, impl=settings.impl)[0]
 
 
 class BNFTrainer(AxolotlTrainer):

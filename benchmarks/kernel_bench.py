@@ -8,9 +8,12 @@ Compared, on the same `hidden [N, H]`, `weight [V, H]` and labels (10% of rows i
 - `naive`: logits = hidden @ weight.T, log_softmax, gather (what TRL's DPO path does);
 - `liger flce`: Liger-Kernel's fused linear cross-entropy with reduction="none" (CUDA only);
 - `torch lce`: `torch.nn.functional.linear_cross_entropy(reduction="none")` with chunking options, when
-  the installed torch has it.
+  the installed torch has it;
+- `bnf two-pass (ours)` / `bnf single-pass (ours)`: the whole BNF loss on top of the op (all rows one
+  response, a fixed reference), with the logits recomputed in backward, or with the gradient built in the
+  forward pass (`bnf_grad`, what BNF training uses). Their difference is the single pass's saving.
 Each computes per-row log-probs (or CE) and backpropagates a random upstream gradient into hidden and
-weight. Time: median of `--iters` runs after a warm-up. Memory: on CUDA, peak allocated during one
+weight (the BNF rows backpropagate their loss). Time: median of `--iters` runs after a warm-up. Memory: on CUDA, peak allocated during one
 forward + backward minus what was allocated before (inputs and gradient buffers of the inputs excluded);
 on CPU, the peak growth of the resident set during one forward + backward (sampled by a thread,
 gradients of the inputs excluded), measured in a fresh process per (method, shape).
@@ -65,7 +68,27 @@ def torch_lce(hidden, weight, labels):
     return -torch.nn.functional.linear_cross_entropy(hidden, weight, labels, reduction="none", options=options)
 
 
-METHODS = {"fused (ours)": fused, "naive": naive, "liger flce": liger, "torch lce": torch_lce}
+def _bnf(hidden, weight, labels, single_pass: bool):
+    from axolotl_bnf_plugin.kernels import token_logprobs
+    from axolotl_bnf_plugin.losses import bnf_loss, bnf_response_scale
+
+    mask, sign = (labels != -100)[None], torch.ones(1, dtype=torch.long, device=labels.device)
+    ref = torch.full(labels.shape, -8.0, device=labels.device)  # p_ref ~ 3e-4: a mix of clipped / unclipped q
+    scale = bnf_response_scale(mask, sign)[:, None].expand(mask.shape).reshape(-1)
+    logp, neg = token_logprobs(hidden, weight, labels, bnf_grad=(ref, scale) if single_pass else None)
+    return bnf_loss(logp[None], ref[None], neg[None], mask, sign)[0]
+
+
+def bnf_two_pass(hidden, weight, labels):
+    return _bnf(hidden, weight, labels, single_pass=False)
+
+
+def bnf_single_pass(hidden, weight, labels):
+    return _bnf(hidden, weight, labels, single_pass=True)
+
+
+METHODS = {"fused (ours)": fused, "naive": naive, "liger flce": liger, "torch lce": torch_lce,
+           "bnf two-pass (ours)": bnf_two_pass, "bnf single-pass (ours)": bnf_single_pass}
 
 
 def available(name: str, device: torch.device) -> str | None:
@@ -80,7 +103,8 @@ def available(name: str, device: torch.device) -> str | None:
 def step(fn, hidden, weight, labels, upstream):
     h = hidden.detach().requires_grad_(True)
     w = weight.detach().requires_grad_(True)
-    (fn(h, w, labels) * upstream).sum().backward()
+    out = fn(h, w, labels)
+    (out if out.dim() == 0 else (out * upstream).sum()).backward()  # a scalar is a whole loss
     return h.grad, w.grad
 
 

@@ -131,3 +131,16 @@ def response_rows(batch: dict[str, torch.Tensor], *token_values: torch.Tensor) -
         dense = values.new_zeros(num_responses, width)
         out.append(dense.index_put(index, values.reshape(-1)[scored]))
     return tuple(out)
+
+
+def per_position(batch: dict[str, torch.Tensor], response_values: torch.Tensor) -> torch.Tensor:
+    """`[rows, T]` per-position values (position t scores label t + 1) from one value per response.
+
+    The inverse direction of `response_rows`: every scored position gets its response's value, every other
+    position 0. Used to hand BNF's per-response gradient scale to the fused op in its own layout.
+    """
+    rows, width = batch["labels"].shape
+    scored = batch["scored_index"]
+    response = batch["response_index"].view(-1)[scored + 1]
+    out = response_values.new_zeros(rows * width)
+    return out.index_put((scored,), response_values[response]).view(rows, width)

@@ -6,7 +6,9 @@ where `z = transform(hidden @ weight.T + bias)`. Rows labelled `ignore_index` ar
 matmul, get 0 for both outputs and a zero gradient, so prompt and padding tokens cost nothing.
 
 Two implementations share one chunked driver (`chunked.py`): `torch` (runs everywhere) and `triton`
-(CUDA; on CPU only under TRITON_INTERPRET=1, for tests). `impl="auto"` takes Triton on CUDA.
+(CUDA; on CPU only under TRITON_INTERPRET=1, for tests). `impl="auto"` takes Triton on CUDA. With
+`bnf_grad`, BNF's gradient is built in the forward pass (`single_pass.py`), saving the backward's
+recomputation of the logits.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import torch
 
 from .chunked import IMPLS, token_logprobs_op
+from .single_pass import bnf_single_pass_op
 from .logit_transform import LogitTransform
 
 __all__ = ["token_logprobs", "default_chunk_size", "resolve_impl", "LogitTransform", "DEFAULT_WORKSPACE_BYTES"]
@@ -61,6 +64,7 @@ def token_logprobs(
     scale: float | None = None,
     impl: str = "auto",
     row_index: torch.Tensor | None = None,
+    bnf_grad: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row label log-prob and negative entropy of `softcap(scale * (hidden @ weight.T + bias))`.
 
@@ -76,6 +80,10 @@ def token_logprobs(
         row_index: the indices of the scored rows, when the caller knows them (e.g. computed on the CPU
             by a data collator). The op then needs no device-to-host synchronisation at all; otherwise it
             finds them with `nonzero` (one sync) and checks the labels are in the vocabulary.
+        bnf_grad: `(ref_logp [N], token_scale [N])` when `logp` feeds BNF's loss and nothing else: the
+            gradient, `token_scale * w(logp, ref_logp)` per row, is then built during the forward (one
+            logits pass instead of two). Backward checks that the upstream gradient is that one up to a
+            constant factor. Ignored when no gradient is needed.
 
     Returns:
         `(logp, neg_entropy)`, both fp32 `[N]`; `neg_entropy` carries no gradient.
@@ -115,10 +123,18 @@ def token_logprobs(
         bias = bias.to(dtype) if bias is not None else None
     elif hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     with torch.autocast(hidden.device.type, enabled=False):
-        logp_s, neg_entropy_s, _ = token_logprobs_op(
-            hidden.index_select(0, row_index), weight, bias, scored, scale, softcap, chunk_size, impl
-        )
+        if bnf_grad is not None and torch.is_grad_enabled() and any(need):
+            ref_logp, token_scale = (t.reshape(-1).index_select(0, row_index).float() for t in bnf_grad)
+            logp_s, neg_entropy_s, *_ = bnf_single_pass_op(
+                hidden.index_select(0, row_index), weight, bias, scored, ref_logp.detach(), token_scale.detach(),
+                scale, softcap, chunk_size, impl, *need
+            )
+        else:
+            logp_s, neg_entropy_s, _ = token_logprobs_op(
+                hidden.index_select(0, row_index), weight, bias, scored, scale, softcap, chunk_size, impl
+            )
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_copy(0, row_index, logp_s)
     neg_entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_copy(0, row_index, neg_entropy_s.detach())
     return logp, neg_entropy
