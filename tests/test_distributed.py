@@ -61,7 +61,9 @@ def train(tiny_assets: Path, out: Path, method: str, processes: int, **overrides
                       learning_rate=0.05, logging_steps=1, **overrides)
     run_torchrun(cfg, out, processes)
     history = [json.loads(line) for line in (out / "run" / LOG_HISTORY_FILE).read_text().splitlines()]
-    return [r for r in history if "loss" in r], load_file(str(out / "run" / "model.safetensors"))
+    weights = next(p for p in (out / "run" / "model.safetensors", out / "run" / "adapter_model.safetensors")
+                   if p.exists())
+    return [r for r in history if "loss" in r], load_file(str(weights))
 
 
 def assert_same_run(a, b):
@@ -99,3 +101,41 @@ def test_batch_min_is_taken_over_each_process_micro_batch(tiny_assets, tmp_path)
     assert_same_run(accumulated, double)
     whole = train(tiny_assets, tmp_path / "p1", "bnf", 1, micro_batch_size=4, **norm)
     assert [r["loss"] for r in whole[0]] != pytest.approx([r["loss"] for r in double[0]], rel=1e-3)
+
+
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                    reason="Axolotl's FSDP / DeepSpeed launch needs GPUs (see test_fsdp / test_zero3)")
+FSDP2 = {"fsdp_version": 2, "fsdp_config": {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                            "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+                                            "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}}
+ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+         "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}
+
+
+def losses_only(run):
+    return [r["loss"] for r in run[0]]
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("method", ["bnf", "asft"])
+def test_fsdp2_follows_the_single_process_trajectory(tiny_assets, tmp_path, method):
+    """Axolotl's FSDP2 launch (2 GPUs x micro-batch 2) follows 1 process x micro-batch 4 step by step."""
+    extra = {"bnf_precompute_ref": True} if method == "bnf" else {}
+    single = train(tiny_assets, tmp_path / "p1", method, 1, micro_batch_size=4, **extra)
+    sharded = train(tiny_assets, tmp_path / "fsdp", method, 2, micro_batch_size=2, **FSDP2, **extra)
+    assert losses_only(sharded) == pytest.approx(losses_only(single), rel=1e-4, abs=1e-5)
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("method", ["bnf", "asft"])
+def test_zero3_follows_the_single_process_trajectory(tiny_assets, tmp_path, method):
+    """Axolotl's DeepSpeed ZeRO-3 launch, in the set-ups the plugin admits under ZeRO-3 (BNF with an adapter,
+    ASFT without the shift-metric baseline), follows 1 process x micro-batch 4 step by step."""
+    from conftest import LORA_KEYS
+
+    ds_config = tmp_path / "zero3.json"
+    ds_config.write_text(json.dumps(ZERO3))
+    extra = dict(LORA_KEYS) if method == "bnf" else {"bnf_shift_metrics": False}
+    single = train(tiny_assets, tmp_path / "p1", method, 1, micro_batch_size=4, **extra)
+    sharded = train(tiny_assets, tmp_path / "z3", method, 2, micro_batch_size=2, deepspeed=str(ds_config), **extra)
+    assert losses_only(sharded) == pytest.approx(losses_only(single), rel=1e-4, abs=1e-5)

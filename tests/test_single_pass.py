@@ -135,3 +135,17 @@ def test_single_pass_compiles_without_graph_breaks():
     loss_fn(h2, w2).backward()
     torch.testing.assert_close(h1.grad, h2.grad)
     torch.testing.assert_close(w1.grad, w2.grad)
+
+
+def test_non_finite_values_reach_the_gradients_instead_of_failing():
+    """A NaN in the forward is the step guard's business (skip the step), not a misuse error."""
+    B, T = 3, 9
+    hidden, weight, bias, labels, ref, sign, pair_ids = bnf_inputs(B, T)
+    poisoned = hidden.detach().clone()
+    poisoned[T + 1] = float("nan")
+    poisoned.requires_grad_()
+    loss, _, grads = loss_and_grads(
+        lambda grad: token_logprobs(poisoned, weight, labels, bias=bias, impl="torch", bnf_grad=grad),
+        poisoned, weight, bias, labels, ref, sign, pair_ids, "sequence", None, B, T)
+    assert not torch.isfinite(loss)
+    assert not all(torch.isfinite(g).all() for g in grads)

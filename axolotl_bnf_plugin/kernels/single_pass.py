@@ -89,13 +89,18 @@ def _setup_context(ctx, inputs, output):
 
 
 def upstream_factor(grad_logp: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
-    """The scalar s with grad_logp = s * predicted (least squares); asserts, asynchronously, that it fits."""
+    """The scalar s with grad_logp = s * predicted (least squares); asserts, asynchronously, that it fits.
+
+    Non-finite inputs give a non-finite s, so the gradients are non-finite too and the step is skipped.
+    """
     grad_logp = grad_logp.float()
     factor = (grad_logp * predicted).sum() / (predicted * predicted).sum().clamp(min=1e-30)
     residual = (grad_logp - factor * predicted).abs().max() if grad_logp.numel() else grad_logp.new_zeros(())
     bound = 1e-4 * grad_logp.abs().max() + 1e-30 if grad_logp.numel() else grad_logp.new_ones(())
+    # Non-finite values are not a misuse: they reach the gradients, where the trainer's step guard skips the step.
+    fits = (residual <= bound) | ~torch.isfinite(residual) | ~torch.isfinite(bound)
     torch._assert_async(
-        residual <= bound,
+        fits,
         "the BNF single-pass op got an upstream gradient that is not its predicted one times a constant: it "
         "may only feed the BNF loss it was built for (use token_logprobs without bnf_grad otherwise)",
     )
