@@ -190,18 +190,24 @@ class BNFTrainer(AxolotlTrainer):
                 f"{p['memory/preflight_chunk_rows']} rows, {p['memory/preflight_fused_workspace_bytes'] / 2**20:.0f} MiB")
 
     def attach_reference_logps(self, cache_dir) -> None:
-        """bnf_precompute_ref: score every train / eval response once with the initial policy."""
+        """Score every train / eval response once with the initial policy (BNF's precomputed reference, or
+        ASFT's shift-metric baseline)."""
         from .reference import with_reference_logps
 
         collator = ResponseBatchCollator(self.processing_class)
         options = dict(batch_size=self.args.per_device_eval_batch_size, device=self.args.device, cache_dir=cache_dir,
                        chunk_size=self.settings.chunk_size, impl=self.settings.impl)
-        self.train_dataset = with_reference_logps(self.train_dataset, self.model, collator, split="train", **options)
-        if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {k: with_reference_logps(v, self.model, collator, split=f"eval/{k}", **options)
-                                 for k, v in self.eval_dataset.items()}
-        elif self.eval_dataset is not None:
-            self.eval_dataset = with_reference_logps(self.eval_dataset, self.model, collator, split="eval", **options)
+        # One process per node scores and writes the cache; the others wait for it and load it (no duplicate
+        # work, no two processes writing one directory).
+        with self.args.main_process_first(local=True, desc="scoring the data with the initial policy"):
+            self.train_dataset = with_reference_logps(self.train_dataset, self.model, collator, split="train",
+                                                      **options)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: with_reference_logps(v, self.model, collator, split=f"eval/{k}", **options)
+                                     for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = with_reference_logps(self.eval_dataset, self.model, collator, split="eval",
+                                                         **options)
 
     def _get_num_items_in_batch(self, batch_samples, device):
         """n of the optimiser step: pairs + unpaired responses over all its micro-batches (and processes).
