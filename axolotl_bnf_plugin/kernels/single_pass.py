@@ -111,9 +111,10 @@ def _backward(ctx, grad_logp, *_unused):
     predicted, grad_h, grad_w, grad_b = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     factor = upstream_factor(grad_logp, predicted)
-    return ((grad_h * factor.to(grad_h.dtype)) if need_h else None,
-            (grad_w * factor.to(grad_w.dtype)) if need_w else None,
-            (grad_b * factor.to(grad_b.dtype)) if need_b and ctx.has_bias else None,
+    # In place: the saved gradients are used once, and a scaled copy of `d weight` would be a second [V, H].
+    return (grad_h.mul_(factor.to(grad_h.dtype)) if need_h else None,
+            grad_w.mul_(factor.to(grad_w.dtype)) if need_w else None,
+            grad_b.mul_(factor.to(grad_b.dtype)) if need_b and ctx.has_bias else None,
             None, None, None, None, None, None, None, None, None, None)
 
 
