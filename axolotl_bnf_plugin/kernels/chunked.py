@@ -54,28 +54,45 @@ def _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl):
     return logp, neg_entropy, lse
 
 
+class GradBuffers:
+    """d hidden, d weight and d bias of the chunk loop: the d-logits block of each chunk feeds two matmuls.
+
+    `d weight` / `d bias` accumulate in fp32 and are not allocated when not needed (a frozen head); an
+    unneeded gradient is returned as a distinct empty tensor (a custom op's outputs may not alias).
+    """
+
+    def __init__(self, hidden, weight, need_h, need_w, need_b):
+        self.hidden, self.weight = hidden, weight
+        self.h = torch.empty_like(hidden) if need_h else None
+        self.w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        self.b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+
+    def add(self, dlogits: torch.Tensor, h_c: torch.Tensor, start: int, stop: int) -> None:
+        if self.h is not None:
+            self.h[start:stop] = (dlogits @ self.weight).to(self.hidden.dtype)
+        if self.w is not None:
+            self.w += _mm_fp32(dlogits.t(), h_c.to(dlogits.dtype))
+        if self.b is not None:
+            self.b += dlogits.float().sum(0)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.h if self.h is not None else self.hidden.new_empty(0),
+                self.w.to(self.weight.dtype) if self.w is not None else self.weight.new_empty(0),
+                self.b.to(self.weight.dtype) if self.b is not None else self.weight.new_empty(0))
+
+
 def _backward(grad_logp, hidden, weight, bias, labels, lse, scale, softcap, chunk_size, impl, need_h, need_w, need_b):
     ops, transform = row_ops(impl), LogitTransform(scale=scale, softcap=softcap)
-    n = labels.shape[0]
-    # Unneeded gradients are distinct empty tensors (a custom op's outputs may not alias each other).
-    grad_h = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+    grads = GradBuffers(hidden, weight, need_h, need_w, need_b)
     grad_logp = grad_logp.float()
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
+    for start in range(0, labels.shape[0], chunk_size):
+        stop = min(start + chunk_size, labels.shape[0])
         h_c = hidden[start:stop]
         block = torch.nn.functional.linear(h_c, weight, bias)
         ops.dlogits_(block, labels[start:stop], lse[start:stop], grad_logp[start:stop], transform)
-        if need_h:
-            grad_h[start:stop] = (block @ weight).to(hidden.dtype)
-        if need_w:
-            grad_w += _mm_fp32(block.t(), h_c.to(block.dtype))
-        if need_b:
-            grad_b += block.float().sum(0)
+        grads.add(block, h_c, start, stop)
         del block
-    return (grad_h, grad_w.to(weight.dtype) if need_w else weight.new_empty(0),
-            grad_b.to(weight.dtype) if need_b else weight.new_empty(0))
+    return grads.result()
 
 
 @torch.library.custom_op("axolotl_bnf::token_logprobs", mutates_args=())

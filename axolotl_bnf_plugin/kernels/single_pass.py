@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..losses import bnf_token_weight
-from .chunked import _mm_fp32, row_ops
+from .chunked import GradBuffers, row_ops
 from .logit_transform import LogitTransform
 
 
@@ -26,9 +26,7 @@ def _forward(hidden, weight, bias, labels, ref_logp, token_scale, scale, softcap
     n = labels.shape[0]
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     neg_entropy, grad_logp = torch.empty_like(logp), torch.empty_like(logp)
-    grad_h = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+    grads = GradBuffers(hidden, weight, need_h, need_w, need_b)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         h_c = hidden[start:stop]
@@ -40,16 +38,9 @@ def _forward(hidden, weight, bias, labels, ref_logp, token_scale, scale, softcap
         g = token_scale[start:stop].float() * bnf_token_weight(logp_c, ref_logp[start:stop].float())[2]
         grad_logp[start:stop] = g
         ops.dlogits_(block, labels[start:stop], lse, g, transform)
-        if need_h:
-            grad_h[start:stop] = (block @ weight).to(hidden.dtype)
-        if need_w:
-            grad_w += _mm_fp32(block.t(), h_c.to(block.dtype))
-        if need_b:
-            grad_b += block.float().sum(0)
+        grads.add(block, h_c, start, stop)
         del block
-    return (logp, neg_entropy, grad_logp, grad_h,
-            grad_w.to(weight.dtype) if need_w else weight.new_empty(0),
-            grad_b.to(weight.dtype) if need_b else weight.new_empty(0))
+    return (logp, neg_entropy, grad_logp, *grads.result())
 
 
 @torch.library.custom_op("axolotl_bnf::bnf_single_pass", mutates_args=())
