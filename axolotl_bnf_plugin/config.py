@@ -54,6 +54,48 @@ class PluginConfigError(ValueError):
     """A config the plugin cannot run, found before anything is loaded."""
 
 
+# Axolotl keys that split one sequence (context / sequence parallel: ring attention) or one weight matrix
+# (tensor parallel) across processes. The trainer scores each response's tokens with the whole output
+# embedding on one process, so neither layout can run; Axolotl would otherwise start and fail (or train
+# wrongly) much later. `ring_attn_func` / `heads_k_stride` only tune context parallelism and do nothing
+# without it, so they need no check of their own.
+PARALLELISM_KEYS = {
+    "context_parallel_size": "context parallelism (ring attention)",
+    "sequence_parallel_degree": "sequence parallelism (the older name of context_parallel_size)",
+    "tensor_parallel_size": "tensor parallelism",
+}
+
+
+def _parallel_degree(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_parallelism(cfg: dict, method: str) -> None:
+    for key, what in PARALLELISM_KEYS.items():
+        value = cfg.get(key)
+        degree = _parallel_degree(value)
+        if value is not None and (degree is None or degree > 1):
+            raise PluginConfigError(
+                f"{key}: {value!r} asks for {what}, which rl: {method} does not support: the fused log-prob op "
+                f"needs every token of a response and the whole output embedding on one process. Remove "
+                f"{key} (or set it to 1); to spread a large model over GPUs use FSDP (fsdp_config) or "
+                "DeepSpeed ZeRO, which the plugin supports."
+            )
+    # DeepSpeed's AutoTP is switched on in its own config as well (what tensor_parallel_size sets).
+    ds_config = _deepspeed_config(cfg.get("deepspeed")) if cfg.get("deepspeed") else None
+    autotp = (ds_config or {}).get("tensor_parallel") or {}
+    if isinstance(autotp, dict) and (_parallel_degree(autotp.get("autotp_size")) or 1) > 1:
+        raise PluginConfigError(
+            f"deepspeed ({cfg.get('deepspeed')!r}) sets tensor_parallel.autotp_size: {autotp['autotp_size']!r}, "
+            f"DeepSpeed's tensor parallelism, which rl: {method} does not support: the fused log-prob op needs "
+            "the whole output embedding on one process. Remove tensor_parallel from the DeepSpeed config "
+            "(ZeRO stages are supported)."
+        )
+
+
 def _check_raw_config(cfg: dict, method: str) -> None:
     known = set(BNFArgs.model_fields)
     for key in cfg:
@@ -65,6 +107,7 @@ def _check_raw_config(cfg: dict, method: str) -> None:
         value = cfg.get(key)
         if value not in (None, False):
             raise PluginConfigError(f"{key!r} cannot be used with rl: {method}: {fix}")
+    _check_parallelism(cfg, method)
     if _zero_stage(cfg.get("deepspeed")) == 3:
         _check_zero3(cfg, method)
 
@@ -89,24 +132,38 @@ def _check_zero3(cfg: dict, method: str) -> None:
             f"rl: bnf with full fine-tuning {where} has no reference: the partitioned policy cannot be copied; "
             "train an adapter (adapter: lora), whose disabled policy is the reference"
         )
-    if method == "asft" and cfg.get("bnf_shift_metrics", True):
+    scores_data = cfg.get("asft_shift_on_train") or cfg.get("val_set_size") or cfg.get("test_datasets")
+    if method == "asft" and cfg.get("bnf_shift_metrics", True) and scores_data:
         raise PluginConfigError(
             f"rl: asft's shift metrics {where} need the initial policy to score the data before DeepSpeed's "
             "engine exists, and ZeRO-3 loads the policy partitioned; set bnf_shift_metrics: false"
         )
+    if method == "bnf" and cfg.get("lora_model_dir"):
+        raise PluginConfigError(
+            f"rl: bnf continuing an adapter (lora_model_dir: {cfg.get('lora_model_dir')!r}) {where}: the reference "
+            "is the starting policy, base model + that adapter, whose frozen copy cannot be made from a "
+            "partitioned model; use ZeRO-2 or FSDP2"
+        )
+
+
+def _deepspeed_config(deepspeed: Any) -> dict | None:
+    """Axolotl's `deepspeed:` value as a dict (inline, or read from its JSON file); None if unreadable."""
+    if isinstance(deepspeed, (str, os.PathLike)):
+        try:
+            deepspeed = json.loads(Path(deepspeed).read_text())
+        except (OSError, ValueError):
+            return None
+    return deepspeed if isinstance(deepspeed, dict) else None
 
 
 def _zero_stage(deepspeed: Any) -> int | None:
     """The ZeRO stage of Axolotl's `deepspeed:` value: an inline dict, a JSON file, or (unreadable) its name."""
     if not deepspeed:
         return None
-    config = deepspeed
-    if isinstance(deepspeed, (str, os.PathLike)):
-        try:
-            config = json.loads(Path(deepspeed).read_text())
-        except (OSError, ValueError):
-            name = str(deepspeed).replace("_", "").replace("-", "").lower()
-            return 3 if ("zero3" in name or "stage3" in name) else None
+    config = _deepspeed_config(deepspeed)
+    if config is None:
+        name = str(deepspeed).replace("_", "").replace("-", "").lower()
+        return 3 if ("zero3" in name or "stage3" in name) else None
     stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
     return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
 
@@ -185,8 +242,17 @@ class BNFArgs(BaseModel):
         default=True,
         json_schema_extra={
             "description": "Log shift/chosen, shift/rejected, shift/chosen_down_frac (per-token log-prob change "
-            "since the start of training). Free for BNF (it has the reference); for ASFT the initial policy "
-            "scores the data once before training (cached like bnf_precompute_ref)."
+            "since the start of training). Free for BNF (it has the reference). For ASFT the initial policy "
+            "scores the eval set once before training (cached like bnf_precompute_ref), so the shift is logged "
+            "at evaluation; see asft_shift_on_train for the training set."
+        },
+    )
+    asft_shift_on_train: bool = Field(
+        default=False,
+        json_schema_extra={
+            "description": "ASFT: also log shift/* during training, from a baseline scored over the whole training "
+            "set before step 1: one forward pass over the training data (about a third of an epoch's compute, "
+            "split across processes, cached)."
         },
     )
     bnf_displacement_patience: int = Field(
@@ -207,4 +273,6 @@ class BNFArgs(BaseModel):
     def _options_apply_to_method(self):
         if self.bnf_precompute_ref and self.bnf_rl == "asft":
             raise ValueError("bnf_precompute_ref applies to rl: bnf only: ASFT uses no reference model")
+        if self.asft_shift_on_train and self.bnf_rl == "bnf":
+            raise ValueError("asft_shift_on_train applies to rl: asft only: BNF's shift metrics come with its reference")
         return self

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import TrainerCallback
 
 from axolotl.utils.logging import get_logger
 
@@ -30,6 +31,8 @@ class StepGuard:
         self._bad_loss = False
         self._example_ids: list[int] = []
         self._warned = False
+        self._stepped = False  # `guarded_step` ran for the current optimiser step
+        self._distributed_any = None
 
     def observe(self, loss: torch.Tensor, example_ids: torch.Tensor | None) -> None:
         """After a micro-batch's backward: remember whether its loss was finite, and which examples it held."""
@@ -42,8 +45,10 @@ class StepGuard:
         """Make `optimizer.step` skip bad steps. `distributed_any(flag) -> flag` agrees across processes."""
         original_step = optimizer.step
         guard = self
+        self._distributed_any = distributed_any
 
         def guarded_step(*args, **kwargs):
+            guard._stepped = True
             bad = guard._bad_loss
             if guard.check_gradients and not bad:
                 grads = [p.grad for p in parameters() if p.grad is not None]
@@ -61,6 +66,25 @@ class StepGuard:
         optimizer.step = guarded_step
         return optimizer
 
+    def end_step(self) -> None:
+        """After every optimiser step, taken or not (`StepGuardCallback`).
+
+        Under fp16 the loss scaler skips a step whose gradients are not finite without calling the
+        optimiser, so `guarded_step` never sees it. A non-finite loss there is a bad step all the same
+        (counted; training stops after `max_bad_steps` in a row), while a finite loss whose scaled gradients
+        overflowed is the scaler calibrating and is not counted. Either way the step's flag and examples
+        must not carry over to the next step, which would then be dropped for them.
+        """
+        stepped, self._stepped = self._stepped, False
+        if stepped:
+            return
+        bad = self._bad_loss
+        if self._distributed_any is not None:
+            bad = self._distributed_any(bad)
+        ids, self._example_ids, self._bad_loss = self._example_ids, [], False
+        if bad:
+            self._skip(ids)
+
     def _skip(self, example_ids: list[int]) -> None:
         self.skipped += 1
         self.consecutive += 1
@@ -77,3 +101,13 @@ class StepGuard:
                 f"{example_ids}); stopping. Check the data for these examples, lower the learning rate, or use "
                 "bf16 / fp32 instead of fp16."
             )
+
+
+class StepGuardCallback(TrainerCallback):
+    """Ends the guard's step after every optimiser step, including those a loss scaler skipped."""
+
+    def __init__(self, guard: StepGuard):
+        self.guard = guard
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.guard.end_step()

@@ -5,10 +5,23 @@ that loads the plugin without using one of its methods trains exactly as Axolotl
 """
 from __future__ import annotations
 
+import torch
 from axolotl.integrations.base import BasePlugin
 
 from .config import translate_raw_config
 from .processes import join_cpu_process_group, place_model_on_cpu
+
+
+def _cpu_bf16_args(cfg) -> dict:
+    """`use_cpu` for `bf16: true` on a machine with no accelerator.
+
+    transformers refuses bf16 without a bf16 GPU unless the run is declared a CPU run; accelerate then
+    trains under CPU bf16 autocast, on the bf16 weights Axolotl loaded. Nothing else changes on such a
+    machine: the device is the CPU either way.
+    """
+    if (cfg.bf16 or cfg.bfloat16) and torch.accelerator.current_accelerator() is None:
+        return {"use_cpu": True}
+    return {}
 
 
 class BNFPlugin(BasePlugin):
@@ -39,9 +52,11 @@ class BNFPlugin(BasePlugin):
             "bnf_precompute_ref": bool(cfg.bnf_precompute_ref),
             "bnf_max_bad_steps": cfg.bnf_max_bad_steps,
             "bnf_shift_metrics": bool(cfg.bnf_shift_metrics),
+            "asft_shift_on_train": bool(cfg.asft_shift_on_train),
             "bnf_displacement_patience": cfg.bnf_displacement_patience,
             # The collator needs the example columns (signs, pairs), not just the model's inputs.
             "remove_unused_columns": False,
+            **_cpu_bf16_args(cfg),
         }
 
     def load_datasets(self, cfg, preprocess: bool = False):

@@ -1,59 +1,118 @@
-"""`bnf_precompute_ref: true`: the BNF reference log-probs, computed once before training.
+"""The initial policy's log-probs of the data, scored once before training and cached.
 
-The reference is the initial policy (with an adapter: the base model, adapter disabled). Scoring every
-response once with the fused op, before the first update, gives exactly the numbers a live reference
-would give at every step, so training then holds no reference model and runs no reference forward. The
-per-token log-probs are stored as a `response_ref_logps` column (one list per response, one value per
-scored completion token) and cached on disk next to the prepared data, keyed by the data set's
-fingerprint and the model, so a second run (or a resumed one) reuses them.
+Used by `bnf_precompute_ref: true` (BNF's reference, so that training holds no reference model and runs no
+reference forward) and by ASFT's likelihood-shift baseline (`bnf_shift_metrics`). The initial policy is the
+model as training starts, adapter included (a fresh LoRA adapter is the identity; one continued from an SFT
+run is part of the starting policy), scored in eval mode.
+
+The pass is split across all processes: batches are formed over the whole data set, exactly as one process
+would form them, and dealt out in contiguous blocks; each process scores its block and every process
+receives all the results, so every rank holds the same numbers as a one-process scoring. A progress bar
+on the main process shows rows/s and the time left.
+
+The result is stored as a `response_ref_logps` column (one list per response, one value per scored
+completion token) and cached on disk next to the prepared data. The cache key is what the numbers depend
+on: the selected examples' tokens, the weights the model was loaded from (a fingerprint of the files, not
+their path: see `weights_fingerprint`), the adapter's starting weights, and the dtype. A log line says
+whether a cache was reused or written, and under which key.
 """
 from __future__ import annotations
 
-import contextlib
 import json
+import os
+import uuid
 from hashlib import md5
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets import Dataset, Sequence, Value, load_from_disk
+from datasets import Dataset, Features, Sequence, Value, load_from_disk
+from tqdm.auto import tqdm
 
 from axolotl.utils.logging import get_logger
 
 from .data.collator import ResponseBatchCollator, response_rows
+from .initial_policy import adapter_is_identity, eval_mode
 from .model_io import response_token_logps, unwrap, unwrap_peft
+from .weights_fingerprint import model_fingerprint, tensors_fingerprint
 
 LOG = get_logger(__name__)
 REF_COLUMN = "response_ref_logps"
 
 
-def _adapter_disabled(model):
-    peft_model = unwrap_peft(model)
-    return peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _block(num_batches: int, rank: int, world: int) -> range:
+    """This process's contiguous block of batch numbers (sizes differ by at most one)."""
+    per, extra = divmod(num_batches, world)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (1 if rank < extra else 0))
 
 
 @torch.no_grad()
-def reference_logps(model, dataset: Dataset, collator: ResponseBatchCollator, batch_size: int, device,
-                    chunk_size: int | None = None, impl: str = "auto") -> list[list[list[float]]]:
-    """For each example, for each response: the reference log-prob of every scored completion token."""
-    was_training = model.training
-    model.eval()
+def _score_batches(model, dataset: Dataset, collator, batch_size: int, batches: range, device, chunk_size, impl,
+                   desc: str, show: bool) -> tuple[list[float], list[int], list[int]]:
+    """(flat token log-probs, tokens per response, responses per example) of the examples in `batches`."""
+    values: list[float] = []
+    tokens_per_response: list[int] = []
+    responses_per_example: list[int] = []
+    first = batches.start * batch_size
+    last = min(batches.stop * batch_size, len(dataset))
+    with tqdm(total=max(last - first, 0), unit="rows", desc=desc, disable=not show) as bar:
+        for number in batches:
+            examples = [dataset[i] for i in range(number * batch_size, min((number + 1) * batch_size, len(dataset)))]
+            batch = {k: v.to(device) for k, v in collator(examples).items()}
+            token_logp, _, _ = response_token_logps(model, batch, chunk_size, impl=impl)
+            mask, dense = response_rows(batch, token_logp)
+            values.extend(dense[mask].tolist())
+            tokens_per_response.extend(mask.sum(1).tolist())
+            responses_per_example.extend(len(example["response_sign"]) for example in examples)
+            bar.update(len(examples))
+    return values, tokens_per_response, responses_per_example
+
+
+def _all_gather_1d(local: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """Every process's 1-D tensor (of any length), in rank order."""
+    size = torch.tensor([local.numel()], dtype=torch.int64, device=local.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=local.dtype, device=local.device)
+    padded[: local.numel()] = local
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded)
+    return [g[: int(s.item())] for g, s in zip(gathered, sizes)]
+
+
+def initial_policy_logps(model, dataset: Dataset, collator: ResponseBatchCollator, batch_size: int, device,
+                         chunk_size: int | None = None, impl: str = "auto",
+                         desc: str = "scoring with the initial policy") -> list[list[list[float]]]:
+    """For each example, for each response: the initial policy's log-prob of every scored completion token."""
+    rank, world = _distributed()
+    num_batches = -(-len(dataset) // batch_size)
+    with eval_mode(model):
+        parts = _score_batches(model, dataset, collator, batch_size, _block(num_batches, rank, world), device,
+                               chunk_size, impl, desc, show=rank == 0)
+    if world > 1:
+        dtypes = (torch.float32, torch.int64, torch.int64)
+        gathered = [_all_gather_1d(torch.tensor(part, dtype=dtype, device=device), world)
+                    for part, dtype in zip(parts, dtypes)]
+        parts = tuple(torch.cat([g.cpu() for g in pieces]).tolist() for pieces in gathered)
+    values, tokens_per_response, responses_per_example = parts
     out: list[list[list[float]]] = []
-    try:
-        with _adapter_disabled(model):
-            for start in range(0, len(dataset), batch_size):
-                examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-                batch = {k: v.to(device) for k, v in collator(examples).items()}
-                token_logp, _, _ = response_token_logps(model, batch, chunk_size, impl=impl)
-                mask, dense = response_rows(batch, token_logp)
-                per_response = [dense[r][mask[r]].tolist() for r in range(mask.shape[0])]
-                for example in examples:
-                    k = len(example["response_sign"])
-                    out.append(per_response[:k])
-                    per_response = per_response[k:]
-    finally:
-        model.train(was_training)
+    position, response = 0, 0
+    for count in responses_per_example:
+        example = []
+        for length in tokens_per_response[response:response + count]:
+            example.append(values[position:position + length])
+            position += length
+        response += count
+        out.append(example)
     return out
 
 
@@ -72,31 +131,71 @@ def _content_hash(dataset: Dataset) -> str:
     return digest.hexdigest()
 
 
-def _cache_key(dataset: Dataset, model) -> str:
+def _adapter_fingerprint(model) -> str:
+    """'none' without an adapter or with one that starts as the identity; else a hash of its weights."""
+    peft_model = unwrap_peft(model)
+    if not hasattr(peft_model, "peft_config") or adapter_is_identity(peft_model):
+        return "none"
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model, adapter_name=peft_model.active_adapter)
+    config = peft_model.peft_config[peft_model.active_adapter].to_dict()
+    config = {k: v for k, v in config.items() if k not in ("base_model_name_or_path", "revision")}
+    return tensors_fingerprint(state) + md5(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cache_key(dataset: Dataset, model) -> str:
     base = unwrap(model)
     identity = {
         "data": _content_hash(dataset),
-        "model": str(getattr(base.config, "_name_or_path", "")),
+        "weights": model_fingerprint(base),
+        "adapter": _adapter_fingerprint(model),
         "dtype": str(next(base.parameters()).dtype),
-        "adapter": str(getattr(unwrap_peft(model), "peft_config", "")),
     }
     return md5(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def _all_processes_have(path: Path | None, device) -> bool:
+    found = path is not None and (path / "dataset_info.json").exists()
+    if _distributed()[1] == 1:
+        return found
+    flag = torch.tensor([int(found)], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _save(values, feature, path: Path) -> None:
+    """Write the cache atomically (a temporary directory renamed into place), from one process per node."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    Dataset.from_dict({REF_COLUMN: values}, features=Features({REF_COLUMN: feature})).save_to_disk(str(tmp))
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another node wrote the same cache first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def with_reference_logps(dataset: Dataset, model, collator, batch_size: int, device, cache_dir: str | Path | None,
                          chunk_size: int | None = None, impl: str = "auto", split: str = "train") -> Dataset:
-    """`dataset` plus the `response_ref_logps` column, loaded from the cache or computed (and cached)."""
+    """`dataset` plus the `response_ref_logps` column, loaded from the cache or scored (and cached)."""
     if REF_COLUMN in dataset.column_names:
         return dataset
-    path = Path(cache_dir) / f"bnf-ref-{_cache_key(dataset, model)}" if cache_dir else None
-    if path is not None and (path / "dataset_info.json").exists():
-        LOG.info("BNF reference log-probs (%s): loaded from %s", split, path)
+    key = cache_key(dataset, model)
+    path = Path(cache_dir) / f"bnf-ref-{key}" if cache_dir else None
+    feature = Sequence(Sequence(Value("float32")))
+    if _all_processes_have(path, device):
+        LOG.info("initial-policy log-probs (%s): cache reused, key %s (%s)", split, key, path)
         cached = load_from_disk(str(path))
         return dataset.add_column(REF_COLUMN, cached[REF_COLUMN], feature=cached.features[REF_COLUMN])
-    LOG.info("BNF reference log-probs (%s): scoring %d examples once with the initial policy", split, len(dataset))
-    values = reference_logps(model, dataset, collator, batch_size, device, chunk_size, impl)
-    feature = Sequence(Sequence(Value("float32")))
+    world = _distributed()[1]
+    LOG.info("initial-policy log-probs (%s): not cached (key %s): scoring %d examples once on %d process(es)",
+             split, key, len(dataset), world)
+    values = initial_policy_logps(model, dataset, collator, batch_size, device, chunk_size, impl,
+                                  desc=f"scoring {split} with the initial policy")
     if path is not None:
-        Dataset.from_dict({REF_COLUMN: values}, features=dataset.features.__class__({REF_COLUMN: feature})).save_to_disk(str(path))
-        LOG.info("BNF reference log-probs (%s): cached at %s", split, path)
+        _save(values, feature, path)
+        LOG.info("initial-policy log-probs (%s): cached under key %s (%s)", split, key, path)
     return dataset.add_column(REF_COLUMN, values, feature=feature)

@@ -83,27 +83,33 @@ def preflight(tokens_per_step: int, vocab_size: int, dtype: torch.dtype, with_re
 
 
 class PhaseMemory:
-    """Peak memory per phase of a training step: CUDA allocator peaks, or resident set size on CPU."""
+    """Memory at the end of each phase of a training step, and the allocator's peak, read-only.
+
+    CUDA: `memory/allocated_{phase}_MiB` is the allocator's live bytes when the phase ends (the largest
+    over the logging window), `memory/peak_allocated_MiB` its peak since its counters were last reset.
+    The peak counters are global and belong to Axolotl: its trainer's `log` reports them
+    (`memory/max_active`, `memory/max_allocated` from `utils/bench.py`) and resets them itself, so
+    they cover each logging window. A per-phase peak would need a reset at every phase start, which would
+    leave Axolotl reporting the last phase only; this class never resets any counter.
+    CPU: `memory/rss_{phase}_MiB`, the resident set size when the phase ends (largest over the window).
+    """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
-        self.peaks: dict[str, float] = {}
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self.at_end: dict[str, float] = {}
 
     def end(self, phase: str) -> None:
-        if self.cuda:
-            value = torch.cuda.max_memory_allocated(self.device)
-        else:
-            value = _rss_bytes()
-        self.peaks[phase] = max(self.peaks.get(phase, 0), value)
+        value = torch.cuda.memory_allocated(self.device) if self.cuda else _rss_bytes()
+        self.at_end[phase] = max(self.at_end.get(phase, 0), value)
 
     def metrics(self) -> dict[str, float]:
-        unit = "peak_allocated" if self.cuda else "rss"
-        return {f"memory/{unit}_{phase}_MiB": round(v / 2**20, 1) for phase, v in self.peaks.items()}
+        unit = "allocated" if self.cuda else "rss"
+        out = {f"memory/{unit}_{phase}_MiB": round(v / 2**20, 1) for phase, v in self.at_end.items()}
+        if self.cuda:
+            out["memory/peak_allocated_MiB"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        self.at_end.clear()
+        return out
 
 
 def _rss_bytes() -> int:
@@ -128,7 +134,7 @@ PAPERS = {
 }
 
 
-def method_card(settings, reference: str, shift_metrics_on: bool, packing: bool) -> str:
+def method_card(settings, reference: str, shift_metrics: str, packing: bool) -> str:
     """The few lines printed once at the start of training."""
     lines = ["=" * 78, PAPERS[settings.method], "  " + FORMULAS[settings.method]]
     if settings.method == "bnf":
@@ -137,6 +143,6 @@ def method_card(settings, reference: str, shift_metrics_on: bool, packing: bool)
         lines.append(f"  lambda={settings.lam} beta={settings.beta} c_sft={settings.sft_weight} | reference: none "
                      "(reference-free)")
     lines.append(f"  fused log-prob op: impl={settings.impl}, chunk rows={settings.chunk_size or 'auto'} | "
-                 f"sample packing: {'on' if packing else 'off'} | shift metrics: {'on' if shift_metrics_on else 'off'}")
+                 f"sample packing: {'on' if packing else 'off'} | shift metrics: {shift_metrics}")
     lines.append("=" * 78)
     return "\n".join(lines)

@@ -20,4 +20,5 @@ class BNFTrainingArgsMixin:
     bnf_precompute_ref: bool = field(default=False, metadata={"help": "precomputed BNF reference"})
     bnf_max_bad_steps: int = field(default=10, metadata={"help": "consecutive non-finite steps before stopping"})
     bnf_shift_metrics: bool = field(default=True, metadata={"help": "log likelihood-shift metrics"})
+    asft_shift_on_train: bool = field(default=False, metadata={"help": "ASFT: shift baseline on the training set"})
     bnf_displacement_patience: int = field(default=10, metadata={"help": "falling logging steps before a warning"})

@@ -110,8 +110,12 @@ def test_zero3_refuses_what_needs_the_policy_before_the_engine(tmp_path):
             translate_raw_config({"rl": "bnf", "deepspeed": value})
         with pytest.raises(PluginConfigError, match="bnf_precompute_ref cannot be used under DeepSpeed ZeRO-3"):
             translate_raw_config({"rl": "bnf", "deepspeed": value, "adapter": "lora", "bnf_precompute_ref": True})
-        with pytest.raises(PluginConfigError, match="set bnf_shift_metrics: false"):
-            translate_raw_config({"rl": "asft", "deepspeed": value})
+        for scored in ({"val_set_size": 0.1}, {"test_datasets": [{"path": "x"}]}, {"asft_shift_on_train": True}):
+            with pytest.raises(PluginConfigError, match="set bnf_shift_metrics: false"):
+                translate_raw_config({"rl": "asft", "deepspeed": value, **scored})
+        translate_raw_config({"rl": "asft", "deepspeed": value})  # no eval set: the default scores nothing
+        with pytest.raises(PluginConfigError, match="lora_model_dir.*starting policy"):
+            translate_raw_config({"rl": "bnf", "deepspeed": value, "adapter": "lora", "lora_model_dir": "sft"})
         translate_raw_config({"rl": "bnf", "deepspeed": value, "adapter": "lora"})
         translate_raw_config({"rl": "asft", "deepspeed": value, "bnf_shift_metrics": False})
     stage2 = tmp_path / "zero3_named_but_stage2.json"

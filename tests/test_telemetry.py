@@ -53,8 +53,8 @@ def test_preflight_equals_the_formula():
 
 
 def test_method_card_names_method_formula_paper_and_reference():
-    bnf = method_card(LossSettings("bnf", length_norm="batch_min"), "a frozen copy of the initial policy", True, False)
+    bnf = method_card(LossSettings("bnf", length_norm="batch_min"), "a frozen copy of the initial policy", "on", False)
     assert "2410.04834" in bnf and "q = min(p/p_ref, 1)" in bnf and "batch_min" in bnf and "frozen copy" in bnf
-    asft = method_card(LossSettings("asft", lam=0.5), "none", True, True)
-    assert "Aligned Supervised Fine-Tuning" in asft and "not Anchored SFT" in asft and "lambda=0.5" in asft
+    asft = method_card(LossSettings("asft", lam=0.5), "none", "eval only", True)
+    assert "Aligned Supervised Fine-Tuning" in asft and "not Anchored SFT" in asft and "lambda=0.5" in asft and "shift metrics: eval only" in asft
     assert "reference-free" in asft and "sample packing: on" in asft

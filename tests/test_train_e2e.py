@@ -48,7 +48,9 @@ def _mean_margin(model, tokenizer, rows) -> float:
 def test_train_raises_chosen_over_rejected(tiny_assets, tmp_path, method, lora):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    extra = LORA_KEYS if lora else {}
+    extra = dict(LORA_KEYS) if lora else {}
+    if method == "asft":
+        extra["asft_shift_on_train"] = True  # train-time shift/* (the default scores the eval set only)
     lr = 5e-3 if lora else 1e-3
     cfg = base_config(tiny_assets, tmp_path, method, learning_rate=lr, max_steps=10, **extra)
     proc = run_axolotl("train", cfg, tmp_path)
@@ -85,12 +87,18 @@ def test_train_raises_chosen_over_rejected(tiny_assets, tmp_path, method, lora):
 
 
 def test_eval_split_logs_eval_metrics(tiny_assets, tmp_path):
+    """ASFT by default scores the eval set once for its shift baseline and never the training set."""
     cfg = base_config(tiny_assets, tmp_path, "asft", val_set_size=0.25, eval_steps=4, max_steps=4)
-    run_axolotl("train", cfg, tmp_path)
+    proc = run_axolotl("train", cfg, tmp_path)
+    out = proc.stdout + proc.stderr
     history = [json.loads(line) for line in (tmp_path / "run" / LOG_HISTORY_FILE).read_text().splitlines()]
     evals = [r for r in history if "eval_loss" in r]
     assert evals, history
     assert {"eval_rewards/accuracies", "eval_asft/nll_loss", "eval_log_odds_chosen"} <= set(evals[-1])
+    assert {"eval_shift/chosen", "eval_shift/rejected", "eval_shift/chosen_down_frac"} <= set(evals[-1])
+    assert not any("shift/chosen" in r for r in history if "loss" in r)
+    assert "initial-policy log-probs (eval): not cached" in out and "scoring 16 examples" in out
+    assert "initial-policy log-probs (train)" not in out
 
 
 def test_preprocess_then_train_reuses_prepared_data(tiny_assets, tmp_path):
@@ -148,7 +156,25 @@ def test_precomputed_reference_run_matches_live_reference_run(tiny_assets, tmp_p
     for a, b in zip(live_loss + live_margin, pre_loss + pre_margin):
         assert a == pytest.approx(b, rel=1e-3, abs=1e-4), (live_loss, pre_loss)
     second = run_axolotl("train", pre_cfg, tmp_path / "pre")
-    assert "loaded from" in second.stdout + second.stderr
+    assert "initial-policy log-probs (train): cache reused" in second.stdout + second.stderr
+    # The checkpoint overwritten at the same path (an SFT run writing its output again): scored afresh.
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "pre" / "model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets / "model")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tiny_assets / "model" / name).exists():
+            (model_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (model_dir / name).write_bytes((tiny_assets / "model" / name).read_bytes())
+    model.save_pretrained(model_dir)
+    moved = {**pre_cfg, "base_model": str(model_dir)}
+    run_axolotl("train", moved, tmp_path / "pre")
+    model.lm_head.weight.data.mul_(1 / 1.5)
+    model.save_pretrained(model_dir)  # the same path, other weights
+    third = run_axolotl("train", moved, tmp_path / "pre")
+    assert "initial-policy log-probs (train): not cached" in third.stdout + third.stderr
 
 
 def test_precompute_ref_with_asft_is_rejected(tiny_assets, tmp_path):

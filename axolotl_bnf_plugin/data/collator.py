@@ -29,6 +29,10 @@ class ResponseBatchCollator:
     padding: bool | str = True
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
+    # Rows of the model's output embedding (set by the trainer). The fused op indexes it with the labels
+    # without a range check of its own (on CUDA an out-of-range id is an out-of-bounds read), so every id
+    # is checked here, on the CPU, where the failing example can still be named.
+    vocab_size: int | None = None
 
     def __post_init__(self):
         if self.return_tensors != "pt":
@@ -64,7 +68,28 @@ class ResponseBatchCollator:
                 rows.append(row)
         batch = self._tensors(rows, signs, pair_ids, packed)
         batch["example_ids"] = torch.as_tensor(example_ids, dtype=torch.long)
+        if self.vocab_size is not None:
+            ids = batch["input_ids"]
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+                self._raise_out_of_vocab([example for bin_ in bins for example in bin_])
         return batch
+
+    def _raise_out_of_vocab(self, examples: list[dict[str, Any]]) -> None:
+        """Name the first example (and response) holding a token id outside [0, vocab_size)."""
+        fix = ("the tokenizer produces ids the model's output embedding has no row for (it has more tokens, or "
+               "higher ids, than the model): resize the model's embeddings to cover every id the tokenizer "
+               "produces (`model.resize_token_embeddings(...)`, then save it), or check that the tokenizer "
+               "(`tokenizer_config`) belongs to this model")
+        for example in examples:
+            for number, ids in enumerate(example["response_input_ids"]):
+                bad = [int(i) for i in ids if not 0 <= int(i) < self.vocab_size]
+                if bad:
+                    raise ValueError(
+                        f"example {int(example.get('example_id', -1))}, response {number}: token id {bad[0]} is "
+                        f"outside the model's vocabulary of {self.vocab_size} tokens; {fix}"
+                    )
+        raise ValueError(f"the padding token id {self.pad_id} is outside the model's vocabulary of "
+                         f"{self.vocab_size} tokens; {fix}")
 
     def _tensors(self, rows, signs, pair_ids, packed: bool) -> dict[str, torch.Tensor]:
         width = max(sum(len(segment[0]) for segment in row) for row in rows)

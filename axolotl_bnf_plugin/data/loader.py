@@ -10,11 +10,13 @@ dropped), and one table of counts per data set is logged when preparation ends.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
 from hashlib import md5
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
@@ -25,7 +27,7 @@ from axolotl.utils.chat_templates import get_chat_template_from_config
 from axolotl.utils.data.lock import FileLockLoader
 from axolotl.utils.data.shared import (
     create_train_validation_split,
-    generate_dataset_hash_from_config,
+    get_prepared_dataset_path,
     load_dataset_with_config,
     load_preprocessed_dataset,
     merge_datasets,
@@ -229,17 +231,78 @@ def format_report(report: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+def _digest(value: Any) -> str:
+    return md5(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of what the tokenizer does, not of where it was loaded from: a tokenizer saved over the
+    same path (an added token, other special tokens, a new chat template) gives a new digest."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return _digest({
+        "class": type(tokenizer).__name__,
+        # A fast tokenizer's whole definition: vocabulary, merges, normalisation, added tokens, BOS/EOS rules.
+        "backend": backend.to_str() if backend is not None else None,
+        "vocab": sorted(tokenizer.get_vocab().items()) if backend is None else None,
+        "added": sorted((int(i), str(t)) for i, t in tokenizer.added_tokens_decoder.items()),
+        "special": tokenizer.special_tokens_map,
+        "flags": [getattr(tokenizer, name, None) for name in ("add_bos_token", "add_eos_token")],
+        "chat_template": tokenizer.chat_template,
+    })
+
+
+def _local_files(ds_cfg: dict, prepared: Path) -> list[tuple[str, int, int]]:
+    """(file, size, mtime) of the local files a data set entry reads, so a file rewritten in place is new data.
+    Files under the prepared-data directory are left out: writing the cache must not change its key."""
+    names, data_files = [ds_cfg.get("path")], ds_cfg.get("data_files")
+    for value in (data_files.values() if isinstance(data_files, dict) else [data_files]):
+        names += value if isinstance(value, list) else [value]
+    found = []
+    for name in names:
+        if not isinstance(name, str) or not os.path.exists(name):
+            continue
+        files = [Path(name)] if os.path.isfile(name) else sorted(p for p in Path(name).rglob("*") if p.is_file())
+        files = [f for f in files if not f.resolve().is_relative_to(prepared)]
+        found += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return found
+
+
 def _dataset_hash(cfg, raw_datasets: list[dict], tokenizer) -> str:
-    base = generate_dataset_hash_from_config(cfg, [DictDefault(d) for d in raw_datasets], tokenizer.name_or_path)
-    extra = f"{PREPARED_FORMAT}|{cfg.excess_length_strategy}|{cfg.chat_template}|{cfg.bnf_rl}|{bool(cfg.sample_packing)}"
-    return md5(f"{base}|{extra}".encode()).hexdigest()
+    """The prepared-data cache key: a digest of everything that decides the prepared rows.
+
+    Axolotl's own dataset hash reads only some keys of each entry (not field_prompt, a dict `type:`'s
+    options, bnf_chat_format, ...) and names the tokenizer and chat template instead of hashing them, so
+    the key is built here from the verbatim entries, the chat template each data set is rendered with,
+    the tokenizer's content, the length policy, the row order of the merge, and the code versions.
+    """
+    import axolotl
+    import transformers
+
+    return _digest({
+        "format": PREPARED_FORMAT,
+        "versions": [axolotl.__version__, transformers.__version__],
+        "datasets": raw_datasets,
+        "local_files": [_local_files(d, get_prepared_dataset_path(cfg, "").resolve()) for d in raw_datasets],
+        "chat_templates": [_chat_template(cfg, d, tokenizer) for d in raw_datasets],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "length": [cfg.sequence_len, cfg.excess_length_strategy, bool(cfg.sample_packing)],
+        "method": cfg.bnf_rl,
+        "order": [cfg.seed, cfg.shuffle_merged_datasets, cfg.shuffle_before_merging_datasets, cfg.curriculum_sampling],
+    })
 
 
 def _load_or_prepare(cfg, tokenizer, raw_datasets: list[dict], split: str) -> Dataset:
     dataset_hash = _dataset_hash(cfg, raw_datasets, tokenizer)
+    path = get_prepared_dataset_path(cfg, dataset_hash)
     dataset = load_preprocessed_dataset(cfg, dataset_hash)
     if dataset is not None:
+        LOG.info("BNF/ASFT prepared data (%s split): reused from %s (key %s)", split, path, dataset_hash)
         return dataset
+    if path.is_dir() and any(path.iterdir()):
+        LOG.info("BNF/ASFT prepared data (%s split): in cache at %s but prepared again (axolotl preprocess or "
+                 "skip_prepare_dataset) (key %s)", split, path, dataset_hash)
+    else:
+        LOG.info("BNF/ASFT prepared data (%s split): not in cache: preparing (key %s)", split, dataset_hash)
     dataset, report = _prepare_split(cfg, tokenizer, raw_datasets, split)
     LOG.info("BNF/ASFT data preparation (%s split), rows by outcome:\n%s", split, format_report(report))
     if not cfg.skip_prepare_dataset:
@@ -254,21 +317,25 @@ def _with_example_ids(dataset: Dataset, start: int) -> Dataset:
 
 
 def _total_steps(cfg, train: Dataset) -> int:
-    """Optimiser steps for the run. With packing, Axolotl's own estimate (it builds the multipack
-    sampler over the `length` column), after giving it the supervised-token count it would otherwise
-    read from a `labels` column these examples do not have."""
-    if not cfg.sample_packing:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return math.ceil(len(train) * (cfg.num_epochs or 1) / (cfg.batch_size * world))
-    from axolotl.utils.trainer import calculate_total_num_steps
+    """Optimiser steps for the run (Axolotl's `max_steps` when the config sets none): one pass over the data
+    per epoch.
 
-    if not cfg.total_supervised_tokens:
-        cfg.total_supervised_tokens = sum(
-            len(ids) - plen
-            for ids_list, plens in zip(train["response_input_ids"], train["response_prompt_len"])
-            for ids, plen in zip(ids_list, plens)
-        )
-    return calculate_total_num_steps(cfg, train)
+    `cfg.batch_size` is already the global batch: Axolotl's `normalize_config` multiplied micro-batch x
+    accumulation by the number of processes. With packing, the trainer's sampler (`packing.EpochBins`) fixes
+    the bins before training, so the same plan gives the exact count."""
+    epochs = cfg.num_epochs or 1
+    if not cfg.sample_packing:
+        return math.ceil(len(train) * epochs / cfg.batch_size)
+    from .packing import EpochBins, packing_shape
+
+    processes = max(cfg.batch_size // (cfg.micro_batch_size * cfg.gradient_accumulation_steps), 1)
+    capacity, bins_per_batch = packing_shape(cfg.micro_batch_size, cfg.sequence_len, bool(cfg.multipack_real_batches))
+    sampler = EpochBins(train["length"], capacity, bins_per_batch, processes, seed=cfg.seed or 0,
+                        group_size=cfg.sample_packing_group_size or 100_000, bin_size=cfg.sample_packing_bin_size or 200)
+    per_process = len(sampler) // processes
+    LOG.info("sample packing: %d examples in %d bins of up to %d tokens (%.0f%% full), %d micro-batches per process "
+             "per epoch", len(train), len(sampler.bins), capacity, 100 * sampler.efficiency(capacity), per_process)
+    return math.ceil(math.ceil(per_process / cfg.gradient_accumulation_steps) * epochs)
 
 
 def load_bnf_datasets(cfg, preprocess: bool = False) -> TrainDatasetMeta:

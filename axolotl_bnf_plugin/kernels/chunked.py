@@ -75,10 +75,12 @@ class GradBuffers:
         if self.b is not None:
             self.b += dlogits.float().sum(0)
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def result(self, keep_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(d hidden, d weight, d bias); d weight / d bias in the weight's dtype, or fp32 with `keep_fp32`."""
+        dtype = torch.float32 if keep_fp32 else self.weight.dtype
         return (self.h if self.h is not None else self.hidden.new_empty(0),
-                self.w.to(self.weight.dtype) if self.w is not None else self.weight.new_empty(0),
-                self.b.to(self.weight.dtype) if self.b is not None else self.weight.new_empty(0))
+                self.w.to(dtype) if self.w is not None else self.weight.new_empty(0),
+                self.b.to(dtype) if self.b is not None else self.weight.new_empty(0))
 
 
 def _backward(grad_logp, hidden, weight, bias, labels, lse, scale, softcap, chunk_size, impl, need_h, need_w, need_b):

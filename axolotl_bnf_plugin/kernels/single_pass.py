@@ -8,6 +8,13 @@ statistics, is overwritten with d logits at once and fed to the two gradient mat
 the gradients wait for backward, where they are multiplied by the one scalar the loss's upstream
 gradient can still apply (a loss scale, an averaging factor). That upstream gradient must be proportional
 to the predicted one; backward checks it (without a host sync) so any other use fails loudly.
+
+Half precision: the two-pass op's d logits carry the upstream gradient, so an fp16 loss scale (2^16)
+lifts them out of fp16's underflow range. Here they are built before that scale exists, from a token
+gradient of order 1 / (n * N_i) (~3e-5) times probabilities far below 1, and would flush to zero. So the
+forward builds them for the token gradient times a power of two `_prescale` (largest |value| in (1/2, 1],
+exact in any dtype); d weight / d bias stay in their fp32 accumulators and d hidden holds bounded values,
+and backward multiplies by (upstream factor / prescale) in fp32 before casting to the inputs' dtype.
 """
 from __future__ import annotations
 
@@ -20,9 +27,21 @@ from .chunked import GradBuffers, row_ops
 from .logit_transform import LogitTransform
 
 
+def _prescale(token_scale: torch.Tensor) -> torch.Tensor:
+    """fp32 2^k with max |token_scale| * 2^k in (1/2, 1] (|w| <= 1, so every d logit is <= 1 after it).
+
+    A device scalar (no host sync); non-finite scales give a non-finite factor, hence non-finite gradients.
+    """
+    if not token_scale.numel():
+        return torch.ones((), dtype=torch.float32, device=token_scale.device)
+    largest = token_scale.float().abs().amax().clamp(min=2.0**-100)
+    return torch.exp2(-torch.ceil(torch.log2(largest)))
+
+
 def _forward(hidden, weight, bias, labels, ref_logp, token_scale, scale, softcap, chunk_size, impl,
              need_h, need_w, need_b):
     ops, transform = row_ops(impl), LogitTransform(scale=scale, softcap=softcap)
+    prescale = _prescale(token_scale)
     n = labels.shape[0]
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     neg_entropy, grad_logp = torch.empty_like(logp), torch.empty_like(logp)
@@ -37,10 +56,10 @@ def _forward(hidden, weight, bias, labels, ref_logp, token_scale, scale, softcap
         neg_entropy[start:stop] = expected_z - lse
         g = token_scale[start:stop].float() * bnf_token_weight(logp_c, ref_logp[start:stop].float())[2]
         grad_logp[start:stop] = g
-        ops.dlogits_(block, labels[start:stop], lse, g, transform)
+        ops.dlogits_(block, labels[start:stop], lse, g * prescale, transform)
         grads.add(block, h_c, start, stop)
         del block
-    return (logp, neg_entropy, grad_logp, *grads.result())
+    return (logp, neg_entropy, grad_logp, *grads.result(keep_fp32=True))
 
 
 @torch.library.custom_op("axolotl_bnf::bnf_single_pass", mutates_args=())
@@ -59,7 +78,8 @@ def bnf_single_pass_op(
     need_w: bool,
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, neg_entropy, predicted d loss / d logp, d hidden, d weight, d bias) for all-scored rows."""
+    """(logp, neg_entropy, predicted d loss / d logp, d hidden, d weight, d bias) for all-scored rows; the
+    gradients are for the predicted one times `_prescale(token_scale)`, d weight / d bias in fp32."""
     return _forward(hidden, weight, bias, labels, ref_logp, token_scale, scale, softcap, chunk_size, impl,
                     need_h, need_w, need_b)
 
@@ -69,13 +89,14 @@ def _(hidden, weight, bias, labels, ref_logp, token_scale, scale, softcap, chunk
     out = hidden.new_empty(labels.shape[0], dtype=torch.float32)
     return (out, torch.empty_like(out), torch.empty_like(out),
             torch.empty_like(hidden) if need_h else hidden.new_empty(0),
-            torch.empty_like(weight) if need_w else weight.new_empty(0),
-            weight.new_empty(weight.shape[0]) if need_b else weight.new_empty(0))
+            weight.new_empty(weight.shape, dtype=torch.float32) if need_w else weight.new_empty(0),
+            weight.new_empty(weight.shape[0], dtype=torch.float32) if need_b else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[2], output[3], output[4], output[5])
+    ctx.save_for_backward(output[2], output[3], output[4], output[5], inputs[5])
     ctx.has_bias = inputs[2] is not None
+    ctx.weight_dtype = inputs[1].dtype
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -99,13 +120,14 @@ def upstream_factor(grad_logp: torch.Tensor, predicted: torch.Tensor) -> torch.T
 
 
 def _backward(ctx, grad_logp, *_unused):
-    predicted, grad_h, grad_w, grad_b = ctx.saved_tensors
+    predicted, grad_h, grad_w, grad_b, token_scale = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    factor = upstream_factor(grad_logp, predicted)
-    # In place: the saved gradients are used once, and a scaled copy of `d weight` would be a second [V, H].
-    return (grad_h.mul_(factor.to(grad_h.dtype)) if need_h else None,
-            grad_w.mul_(factor.to(grad_w.dtype)) if need_w else None,
-            grad_b.mul_(factor.to(grad_b.dtype)) if need_b and ctx.has_bias else None,
+    # fp32: a 2^16 loss scale is itself out of fp16's range.
+    factor = upstream_factor(grad_logp, predicted) / _prescale(token_scale)
+    # In place: the saved gradients are used once, and a scaled fp32 copy of `d weight` would be a second [V, H].
+    return (grad_h.float().mul_(factor).to(grad_h.dtype) if need_h else None,
+            grad_w.mul_(factor).to(ctx.weight_dtype) if need_w else None,
+            grad_b.mul_(factor).to(ctx.weight_dtype) if need_b and ctx.has_bias else None,
             None, None, None, None, None, None, None, None, None, None)
 
 
