@@ -162,14 +162,14 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 
 def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
-                         check_head: bool = False, impl: str = "auto", bnf_grad=None):
+                         check_head: bool = False, impl: str = "auto", grad_rule=None, grad_inputs=None):
     """Per-token (logp, neg_entropy, scored mask), each `[R, L]`, of every row's own next tokens.
 
     Position t scores label t + 1 (the usual causal shift); only tokens whose label is not -100 are
     scored, and the fused op never forms the `[R * L, V]` logits. With `check_head`, the model's own
     last-position logits are compared with the op's projection first (see `check_head_matches`).
-    `bnf_grad`: per-position `(ref_logp, token_scale)` `[R, L]` for BNF's single-pass gradient (see
-    `kernels.token_logprobs`).
+    `grad_rule` / `grad_inputs`: a loss's gradient rule and its per-position inputs `[R, L]`, for the
+    single-pass gradient (see `kernels.token_logprobs`).
     """
     hidden, last_logits = forward_hidden(model, batch)
     rows, length, width = hidden.shape
@@ -192,7 +192,8 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
                 scale=head.transform.scale,
                 impl=impl,
                 row_index=batch.get("scored_index"),
-                bnf_grad=bnf_grad,
+                grad_rule=grad_rule,
+                grad_inputs=grad_inputs,
             )
         finally:
             head.release()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import default_chunk_size
+from .kernels import bytes_per_logit, default_chunk_size
 from .losses import Metrics
 
 
@@ -64,17 +64,14 @@ class DisplacementMonitor:
         return None
 
 
-def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits // 8
-
-
 def preflight(tokens_per_step: int, vocab_size: int, dtype: torch.dtype, with_reference: bool,
-              chunk_size: int | None = None) -> dict[str, int]:
+              chunk_size: int | None = None, impl: str = "torch", device_type: str = "cuda") -> dict[str, int]:
     """Bytes of the `[tokens, vocab]` logits a logits-materialising trainer would hold for one micro-batch
-    (policy, and reference when the method has one), against the fused op's one `[chunk, V]` block."""
-    chunk = chunk_size or default_chunk_size(vocab_size, dtype)
-    full = tokens_per_step * vocab_size * dtype_bytes(dtype)
-    workspace = min(chunk, tokens_per_step) * vocab_size * (4 + 4 + dtype_bytes(dtype))
+    (policy, and reference when the method has one), against the fused op's one `[chunk, V]` block as the
+    implementation `impl` ("torch" / "triton") allocates it."""
+    chunk = chunk_size or default_chunk_size(vocab_size, dtype, impl=impl, device_type=device_type)
+    full = tokens_per_step * vocab_size * (torch.finfo(dtype).bits // 8)
+    workspace = min(chunk, tokens_per_step) * vocab_size * bytes_per_logit(impl, dtype, device_type)
     return {
         "memory/preflight_full_logits_bytes": full * (2 if with_reference else 1),
         "memory/preflight_fused_workspace_bytes": workspace,

@@ -20,9 +20,11 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.logging import get_logger
 
+from .bnf_grad_rule import BNF_GRAD_RULE
 from .data.collator import ResponseBatchCollator, per_position, response_rows
 from .losses import asft_loss, batch_normalizer, bnf_loss, bnf_response_scale
 from .initial_policy import DisabledAdapter, eval_mode, live_reference  # noqa: F401 (DisabledAdapter: public)
+from .kernels import resolve_impl
 from .model_io import response_token_logps, unwrap
 from .numerics import StepGuard, StepGuardCallback
 from .processes import launched_processes
@@ -73,13 +75,13 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
         start_token_logp = _live_reference_token_logps(model, batch, settings, reference)
     else:
         start_token_logp = None
-    bnf_grad = None
+    grad_rule = grad_inputs = None
     if settings.method == "bnf" and settings.single_pass:
         mask = response_rows(batch)[0]
         scale = bnf_response_scale(mask, batch["sign"], batch["pair_ids"], settings.length_norm, normalizer)
-        bnf_grad = (start_token_logp, per_position(batch, scale))
+        grad_rule, grad_inputs = BNF_GRAD_RULE, (start_token_logp, per_position(batch, scale))
     logp, neg_entropy, _ = response_token_logps(model, batch, settings.chunk_size, check_head=check_head,
-                                                impl=settings.impl, bnf_grad=bnf_grad)
+                                                impl=settings.impl, grad_rule=grad_rule, grad_inputs=grad_inputs)
     mask, logp, neg_entropy = response_rows(batch, logp, neg_entropy)
     start_logp = response_rows(batch, start_token_logp)[1] if start_token_logp is not None else None
     if settings.method == "asft":
@@ -206,9 +208,11 @@ class BNFTrainer(AxolotlTrainer):
         # Shape and dtype only: a sharded (DTensor) weight reports its global shape, and is not gathered.
         weight = unwrap(self.model).get_output_embeddings().weight
         tokens = self.args.per_device_train_batch_size * 2 * self.args.max_seq_length
+        device = torch.device(self.args.device)
         return preflight(tokens, weight.shape[0], weight.dtype,
                          with_reference=self.method == "bnf" and not self.precomputed_reference,
-                         chunk_size=self.settings.chunk_size)
+                         chunk_size=self.settings.chunk_size, impl=resolve_impl(self.settings.impl, device),
+                         device_type=device.type)
 
     def _preflight_text(self) -> str:
         p = self._preflight

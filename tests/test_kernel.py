@@ -57,12 +57,13 @@ def make_inputs(N, H, V, seed, dtype=torch.float32, with_bias=False, ignore_frac
 
 def run_both(hidden, weight, bias, labels, upstream, need=("h", "w", "b"), **kw):
     """(impl logp, impl -entropy, impl grads) and the same from the float64 reference."""
-    chunk_size = kw.pop("chunk_size", None)
+    chunk_size, impl = kw.pop("chunk_size", None), kw.pop("impl", "auto")
     leaves = {"h": hidden, "w": weight, "b": bias}
     impl_in = {k: (v.detach().clone().requires_grad_(k in need) if v is not None else None) for k, v in leaves.items()}
     ref_in = {k: (v.detach().double().requires_grad_(k in need) if v is not None else None) for k, v in leaves.items()}
 
-    logp, ne = token_logprobs(impl_in["h"], impl_in["w"], labels, bias=impl_in["b"], chunk_size=chunk_size, **kw)
+    logp, ne = token_logprobs(impl_in["h"], impl_in["w"], labels, bias=impl_in["b"], chunk_size=chunk_size, impl=impl,
+                              **kw)
     (logp * upstream).sum().backward()
     r_logp, r_ne = naive_token_logprobs(ref_in["h"], ref_in["w"], labels, bias=ref_in["b"], **kw)
     (r_logp * upstream.double()).sum().backward()

@@ -13,7 +13,9 @@ import pytest
 import torch
 from conftest import LORA_KEYS, base_config, run_axolotl
 from test_kernel import naive_token_logprobs
+from test_single_pass import with_bnf
 
+from axolotl_bnf_plugin.bnf_grad_rule import BNF_GRAD_RULE
 from axolotl_bnf_plugin.callbacks import LOG_HISTORY_FILE
 from axolotl_bnf_plugin.kernels import token_logprobs, triton_available
 from axolotl_bnf_plugin.losses import bnf_loss, bnf_response_scale
@@ -57,7 +59,7 @@ def plain_logprobs(hidden, weight, bias, labels, softcap=None, scale=None):
 
 
 def outputs_and_grads(score, inputs, dtype, single_pass):
-    """[logp, neg_entropy, d hidden, d weight, d bias] (fp64) of `score(h, w, b, bnf_grad)` on copies of the
+    """[logp, neg_entropy, d hidden, d weight, d bias] (fp64) of `score(h, w, b, grad_inputs)` on copies of the
     inputs in `dtype`; the upstream is BNF's loss (single pass) or a random weighting of logp."""
     hidden, weight, bias, labels, ref, upstream = inputs
     leaves = [t.detach().to(dtype).requires_grad_() for t in (hidden, weight, bias)]
@@ -102,7 +104,7 @@ def test_op_error_no_worse_than_half_precision_logits(dtype, impl, single_pass, 
     plain = outputs_and_grads(lambda h, w, b, _: plain_logprobs(h, w, b, labels, **transform),
                               inputs, dtype, single_pass)
     fused = outputs_and_grads(lambda h, w, b, grad: token_logprobs(h, w, labels, bias=b, chunk_size=16, impl=impl,
-                                                                   bnf_grad=grad, **transform),
+                                                                   **with_bnf(grad), **transform),
                               inputs, dtype, single_pass)
     z_max = torch.nn.functional.linear(hidden.double(), weight.double(), bias.double()).abs().max().item()
     assert 0 < (plain[0] - truth[0]).abs().max() <= 2 * UNIT_ROUNDOFF[dtype] * z_max
@@ -159,7 +161,7 @@ def test_single_pass_fp16_gradients_match_two_pass_under_loss_scaling(init_scale
     two_pass, scale_two = _scaled_fp16_grads(
         lambda h, w: token_logprobs(h, w, labels, impl="torch", chunk_size=256), hidden, weight, loss_fn, init_scale)
     single, scale_single = _scaled_fp16_grads(
-        lambda h, w: token_logprobs(h, w, labels, impl="torch", chunk_size=256, bnf_grad=(ref, token_scale)),
+        lambda h, w: token_logprobs(h, w, labels, impl="torch", chunk_size=256, grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, token_scale)),
         hidden, weight, loss_fn, init_scale)
     assert scale_two == scale_single == init_scale  # no inf / NaN found: the step was taken
 

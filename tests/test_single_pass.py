@@ -8,11 +8,17 @@ from test_kernel import naive_token_logprobs
 from test_packing import setup  # noqa: F401  (fixture)
 
 from axolotl_bnf_plugin.data.collator import ResponseBatchCollator
+from axolotl_bnf_plugin.bnf_grad_rule import BNF_GRAD_RULE
 from axolotl_bnf_plugin.kernels import token_logprobs
 from axolotl_bnf_plugin.losses import bnf_loss, bnf_response_scale
 from axolotl_bnf_plugin.trainer import LossSettings, batch_loss
 
 IMPLS = ["torch", "triton"]
+
+
+def with_bnf(grad):
+    """token_logprobs keywords for BNF's single pass with `grad = (ref_logp, token_scale)`; none for None."""
+    return {} if grad is None else dict(grad_rule=BNF_GRAD_RULE, grad_inputs=grad)
 
 
 def bnf_inputs(B=3, T=9, H=12, V=41, seed=0, with_bias=True):
@@ -51,7 +57,7 @@ def test_single_pass_equals_materialised_logits(impl, length_norm, transform, ch
     hidden, weight, bias, labels, ref, sign, pair_ids = bnf_inputs(B, T)
     common = (hidden, weight, bias, labels, ref, sign, pair_ids, length_norm, 2.0, B, T)
     fused = loss_and_grads(lambda grad: token_logprobs(hidden, weight, labels, bias=bias, chunk_size=chunk, impl=impl,
-                                                       bnf_grad=grad, **transform), *common)
+                                                       **with_bnf(grad), **transform), *common)
     naive = loss_and_grads(lambda grad: tuple(t.float() for t in naive_token_logprobs(
         hidden, weight, labels, bias=bias, **transform)), *common)
     torch.testing.assert_close(fused[0], naive[0], rtol=1e-5, atol=1e-6)
@@ -67,7 +73,7 @@ def test_frozen_weight_gets_no_weight_work_and_the_same_hidden_gradient():
     hidden, weight, bias, labels, ref, sign, pair_ids = bnf_inputs(B, T, with_bias=False)
     weight.requires_grad_(False)
     common = (hidden, weight, None, labels, ref, sign, pair_ids, "sequence", None, B, T)
-    fused = loss_and_grads(lambda grad: token_logprobs(hidden, weight, labels, impl="torch", bnf_grad=grad), *common)
+    fused = loss_and_grads(lambda grad: token_logprobs(hidden, weight, labels, impl="torch", **with_bnf(grad)), *common)
     two_pass = loss_and_grads(lambda grad: token_logprobs(hidden, weight, labels, impl="torch"), *common)
     torch.testing.assert_close(fused[2][0], two_pass[2][0], rtol=1e-5, atol=1e-7)
 
@@ -78,15 +84,15 @@ def test_any_other_use_of_the_log_probs_fails_loudly():
     hidden, weight, bias, labels, ref, sign, pair_ids = bnf_inputs(B, T)
     mask = (labels != -100).view(B, T)
     scale = bnf_response_scale(mask, sign, pair_ids)[:, None].expand(B, T).reshape(-1)
-    logp, _ = token_logprobs(hidden, weight, labels, bias=bias, impl="torch", bnf_grad=(ref, scale))
-    with pytest.raises(RuntimeError, match="single-pass op got an upstream gradient"):
+    logp, _ = token_logprobs(hidden, weight, labels, bias=bias, impl="torch", grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, scale))
+    with pytest.raises(RuntimeError, match="single-pass op built for gradient rule 'bnf' got an upstream gradient"):
         logp.sum().backward()
 
 
 def test_no_grad_falls_back_to_the_plain_op():
     hidden, weight, bias, labels, ref, sign, _ = bnf_inputs()
     with torch.no_grad():
-        got = token_logprobs(hidden, weight, labels, bias=bias, impl="torch", bnf_grad=(ref, torch.ones_like(ref)))
+        got = token_logprobs(hidden, weight, labels, bias=bias, impl="torch", grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, torch.ones_like(ref)))
         want = token_logprobs(hidden, weight, labels, bias=bias, impl="torch")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
@@ -125,7 +131,7 @@ def test_single_pass_compiles_without_graph_breaks():
     def loss_fn(h, w):
         scale = bnf_response_scale(mask, sign, pair_ids)[:, None].expand(B, T).reshape(-1)
         logp, neg = token_logprobs(torch.tanh(h), w, labels, row_index=rows, impl="torch", chunk_size=5,
-                                   bnf_grad=(ref, scale))
+                                   grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, scale))
         return bnf_loss(logp.view(B, T), ref.view(B, T), neg.view(B, T), mask, sign, pair_ids)[0]
 
     h1, w1 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
@@ -145,7 +151,7 @@ def test_non_finite_values_reach_the_gradients_instead_of_failing():
     poisoned[T + 1] = float("nan")
     poisoned.requires_grad_()
     loss, _, grads = loss_and_grads(
-        lambda grad: token_logprobs(poisoned, weight, labels, bias=bias, impl="torch", bnf_grad=grad),
+        lambda grad: token_logprobs(poisoned, weight, labels, bias=bias, impl="torch", **with_bnf(grad)),
         poisoned, weight, bias, labels, ref, sign, pair_ids, "sequence", None, B, T)
     assert not torch.isfinite(loss)
     assert not all(torch.isfinite(g).all() for g in grads)

@@ -5,10 +5,11 @@
 where `z = transform(hidden @ weight.T + bias)`. Rows labelled `ignore_index` are removed before any
 matmul, get 0 for both outputs and a zero gradient, so prompt and padding tokens cost nothing.
 
-Two implementations share one chunked driver (`chunked.py`): `torch` (runs everywhere) and `triton`
-(CUDA; on CPU only under TRITON_INTERPRET=1, for tests). `impl="auto"` takes Triton on CUDA. With
-`bnf_grad`, BNF's gradient is built in the forward pass (`single_pass.py`), saving the backward's
-recomputation of the logits.
+Two implementations share the chunk loops (`chunked.py`, `single_pass.py`): `torch` (runs everywhere)
+and `triton` (CUDA; on CPU only under TRITON_INTERPRET=1, for tests). `impl="auto"` takes Triton on CUDA.
+With a `grad_rule` (a loss's per-row gradient, registered by the method that owns it, `grad_rules.py`),
+the gradient is built in the forward pass (`single_pass.py`), saving the backward's recomputation of the
+logits. How large a block is comes from the bytes each implementation allocates (`schedule.py`).
 """
 from __future__ import annotations
 
@@ -17,20 +18,13 @@ import os
 import torch
 
 from .chunked import IMPLS, token_logprobs_op
-from .single_pass import bnf_single_pass_op
+from .grad_rules import GradRule, get_grad_rule, register_grad_rule
 from .logit_transform import LogitTransform
+from .schedule import DEFAULT_WORKSPACE_BYTES, bytes_per_logit, default_chunk_size
+from .single_pass import single_pass_op
 
-__all__ = ["token_logprobs", "default_chunk_size", "resolve_impl", "LogitTransform", "DEFAULT_WORKSPACE_BYTES"]
-
-# Bytes one `[chunk, V]` block may take (fp32 logits plus the matmul's own output in the input dtype).
-DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
-
-
-def default_chunk_size(vocab_size: int, dtype: torch.dtype, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> int:
-    """Largest row count whose logits block fits the workspace, rounded down to a multiple of 16."""
-    bytes_per_row = vocab_size * (4 + 4 + torch.finfo(dtype).bits // 8)
-    rows = max(workspace_bytes // bytes_per_row, 16)
-    return int(rows // 16 * 16)
+__all__ = ["token_logprobs", "default_chunk_size", "resolve_impl", "LogitTransform", "DEFAULT_WORKSPACE_BYTES",
+           "GradRule", "register_grad_rule", "bytes_per_logit"]
 
 
 def triton_available(device: torch.device) -> bool:
@@ -64,7 +58,8 @@ def token_logprobs(
     scale: float | None = None,
     impl: str = "auto",
     row_index: torch.Tensor | None = None,
-    bnf_grad: tuple[torch.Tensor, torch.Tensor] | None = None,
+    grad_rule: GradRule | str | None = None,
+    grad_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row label log-prob and negative entropy of `softcap(scale * (hidden @ weight.T + bias))`.
 
@@ -73,17 +68,20 @@ def token_logprobs(
         weight: `[V, H]` output embedding (the `lm_head` weight, tied or not).
         labels: `[N]` integer label per row; `ignore_index` rows are not scored.
         bias: optional `[V]` output bias.
-        chunk_size: rows per logits block; default from `default_chunk_size`.
+        chunk_size: rows per logits block; default from `default_chunk_size` for the implementation (the
+            vocabulary-sliced backward then holds as many logits, `schedule.vocab_slice_cols`).
         softcap: Gemma-style final logit soft-capping value.
         scale: multiplier on the projection (Cohere `logit_scale`, `1 / logits_scaling` for Granite).
         impl: "auto", "torch" or "triton".
         row_index: the indices of the scored rows, when the caller knows them (e.g. computed on the CPU
             by a data collator). The op then needs no device-to-host synchronisation at all; otherwise it
-            finds them with `nonzero` (one sync) and checks the labels are in the vocabulary.
-        bnf_grad: `(ref_logp [N], token_scale [N])` when `logp` feeds BNF's loss and nothing else: the
-            gradient, `token_scale * w(logp, ref_logp)` per row, is then built during the forward (one
-            logits pass instead of two). Backward checks that the upstream gradient is that one up to a
-            constant factor. Ignored when no gradient is needed.
+            finds them with `nonzero` (one sync) and checks the labels are in the vocabulary. When every
+            row is scored (`row_index` has N entries), the rows are used in place, without a copy.
+        grad_rule, grad_inputs: a registered `GradRule` (or its name) and its two per-row inputs `(a [N],
+            b [N])` when `logp` feeds that rule's loss and nothing else: the gradient, `rule.grad(logp, a,
+            b)` per row, is then built during the forward (one logits pass instead of two). Backward checks
+            that the upstream gradient is that one up to a constant factor. Ignored when no gradient is
+            needed.
 
     Returns:
         `(logp, neg_entropy)`, both fp32 `[N]`; `neg_entropy` carries no gradient.
@@ -99,10 +97,11 @@ def token_logprobs(
         raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, labels {tuple(labels.shape)}")
     if bias is not None and bias.shape != (v,):
         raise ValueError(f"bias must have shape ({v},), got {tuple(bias.shape)}")
-    if chunk_size is None:
-        chunk_size = default_chunk_size(v, hidden.dtype)
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if (grad_rule is None) != (grad_inputs is None):
+        raise ValueError("grad_rule and grad_inputs go together: pass both or neither")
+    rule = get_grad_rule(grad_rule if isinstance(grad_rule, str) else grad_rule.name) if grad_rule is not None else None
     LogitTransform(scale=scale, softcap=softcap)  # validates the values
     impl = resolve_impl(impl, hidden.device)
 
@@ -123,18 +122,26 @@ def token_logprobs(
         bias = bias.to(dtype) if bias is not None else None
     elif hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(v, hidden.dtype, impl=impl, device_type=hidden.device.type)
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    every_row = row_index.shape[0] == n  # a shape, not a value: no sync
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t if every_row else t.index_select(0, row_index)
+
     with torch.autocast(hidden.device.type, enabled=False):
-        if bnf_grad is not None and torch.is_grad_enabled() and any(need):
-            ref_logp, token_scale = (t.reshape(-1).index_select(0, row_index).float() for t in bnf_grad)
-            logp_s, neg_entropy_s, *_ = bnf_single_pass_op(
-                hidden.index_select(0, row_index), weight, bias, scored, ref_logp.detach(), token_scale.detach(),
-                scale, softcap, chunk_size, impl, *need
+        if rule is not None and torch.is_grad_enabled() and any(need):
+            a, b = (rows(t.reshape(-1)).float().detach() for t in grad_inputs)
+            logp_s, neg_entropy_s, *_ = single_pass_op(
+                rows(hidden), weight, bias, scored, rule.name, a, b, scale, softcap, chunk_size, impl, *need
             )
         else:
             logp_s, neg_entropy_s, _ = token_logprobs_op(
-                hidden.index_select(0, row_index), weight, bias, scored, scale, softcap, chunk_size, impl
+                rows(hidden), weight, bias, scored, scale, softcap, chunk_size, impl
             )
+    if every_row:
+        return logp_s, neg_entropy_s.detach()
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_copy(0, row_index, logp_s)
     neg_entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_copy(0, row_index, neg_entropy_s.detach())
     return logp, neg_entropy

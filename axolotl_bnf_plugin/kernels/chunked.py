@@ -1,11 +1,18 @@
 """The chunked linear + log-prob op, registered as a PyTorch custom op with its own backward.
 
-Per block of `chunk` token rows: one matmul gives the `[chunk, V]` raw logits (in the inputs' dtype,
-fp32 accumulation inside the GEMM); the back-end's row kernel reduces them to per-row statistics
-(forward) or overwrites them with d logits (backward), which then feed the two backward matmuls
-`dH = dZ @ W` and `dW += dZ^T @ H` (accumulated in fp32). Only one block exists at a time; the forward
-saves one fp32 log-sum-exp per row, and the backward recomputes the block. `d weight` / `d bias` are
-skipped when not needed (a frozen output embedding, as under LoRA).
+Forward, per block of `chunk` token rows: one matmul gives the `[chunk, V]` raw logits (in the inputs'
+dtype, fp32 accumulation inside the GEMM), which the back-end's row kernel reduces to per-row statistics;
+one fp32 log-sum-exp per row is saved.
+
+Backward recomputes the logits and overwrites them with d logits, which feed `dH = dZ @ W` and
+`dW = dZ^T @ H`. Two schedules, chosen by what the gradients cost (`schedule.vocab_slice_cols`):
+- sliced over the vocabulary, when `d weight` is needed and all rows fit one block of at least
+  `MIN_SLICE_COLS` columns: each slice's `d weight` rows are written once, in the weight's dtype, by one
+  GEMM over all N rows (fp32 accumulation inside it); `d hidden` accumulates in a small fp32 `[N, H]`.
+  No `[V, H]` accumulator exists, and none is read and rewritten per chunk;
+- chunked over rows otherwise (a frozen output embedding, as under LoRA, or too many rows): `d hidden` of a
+  chunk is written once, and `d weight` / `d bias` accumulate in place in fp32 (`GradBuffers`).
+Unneeded gradients are skipped.
 
 As a `torch.library.custom_op`, the whole op is one opaque node to `torch.compile` (no graph break,
 no tracing of the chunk loop) and runs no host synchronisation: the row count is a shape.
@@ -18,24 +25,31 @@ from typing import Optional
 import torch
 
 from .logit_transform import LogitTransform
+from .schedule import vocab_slice_cols
 
 IMPLS = ("torch", "triton")
 
 
 def row_ops(impl: str):
-    """The module providing `stats` / `dlogits_` for an implementation name."""
+    """The module providing `stats` / `dlogits_` / `rule_pass_` for an implementation name."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     return importlib.import_module(f"{__package__}.{impl}_rows")
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result: cuBLAS writes fp32 directly from half inputs; elsewhere, upcast."""
+def add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, `acc` fp32, in place and without a temporary of acc's size.
+
+    CUDA: one cuBLAS GEMM reads and writes the fp32 accumulator from half inputs (`out_dtype`). CPU with
+    half inputs (which has no such GEMM): through fp32 copies of `a` (a logits block) and `b` (`h_c` or a
+    weight slice), which the schedule charges (`schedule.bytes_per_logit`, `vocab_slice_cols`).
+    """
     if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
 def _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl):
@@ -55,10 +69,11 @@ def _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl):
 
 
 class GradBuffers:
-    """d hidden, d weight and d bias of the chunk loop: the d-logits block of each chunk feeds two matmuls.
+    """d hidden, d weight and d bias of a loop over row chunks: each chunk's d-logits block feeds two matmuls.
 
-    `d weight` / `d bias` accumulate in fp32 and are not allocated when not needed (a frozen head); an
-    unneeded gradient is returned as a distinct empty tensor (a custom op's outputs may not alias).
+    `d hidden` of a chunk is written once into its rows; `d weight` / `d bias` accumulate in place in fp32
+    (`add_product_`) and are not allocated when not needed (a frozen head). An unneeded gradient is returned
+    as a distinct empty tensor (a custom op's outputs may not alias).
     """
 
     def __init__(self, hidden, weight, need_h, need_w, need_b):
@@ -69,11 +84,11 @@ class GradBuffers:
 
     def add(self, dlogits: torch.Tensor, h_c: torch.Tensor, start: int, stop: int) -> None:
         if self.h is not None:
-            self.h[start:stop] = (dlogits @ self.weight).to(self.hidden.dtype)
+            torch.mm(dlogits, self.weight, out=self.h[start:stop])
         if self.w is not None:
-            self.w += _mm_fp32(dlogits.t(), h_c.to(dlogits.dtype))
+            add_product_(self.w, dlogits.t(), h_c)
         if self.b is not None:
-            self.b += dlogits.float().sum(0)
+            self.b += dlogits.sum(0, dtype=torch.float32)
 
     def result(self, keep_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(d hidden, d weight, d bias); d weight / d bias in the weight's dtype, or fp32 with `keep_fp32`."""
@@ -83,10 +98,9 @@ class GradBuffers:
                 self.b.to(dtype) if self.b is not None else self.weight.new_empty(0))
 
 
-def _backward(grad_logp, hidden, weight, bias, labels, lse, scale, softcap, chunk_size, impl, need_h, need_w, need_b):
-    ops, transform = row_ops(impl), LogitTransform(scale=scale, softcap=softcap)
+def _backward_by_rows(grad_logp, hidden, weight, bias, labels, lse, transform, ops, chunk_size, need_h, need_w,
+                      need_b):
     grads = GradBuffers(hidden, weight, need_h, need_w, need_b)
-    grad_logp = grad_logp.float()
     for start in range(0, labels.shape[0], chunk_size):
         stop = min(start + chunk_size, labels.shape[0])
         h_c = hidden[start:stop]
@@ -95,6 +109,41 @@ def _backward(grad_logp, hidden, weight, bias, labels, lse, scale, softcap, chun
         grads.add(block, h_c, start, stop)
         del block
     return grads.result()
+
+
+def _backward_by_vocab(grad_logp, hidden, weight, bias, labels, lse, transform, ops, cols, need_h, need_b):
+    """All rows at once, `cols` vocabulary columns at a time: each slice's d weight is written once."""
+    grad_w = torch.empty_like(weight)
+    grad_b = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device) if need_b else weight.new_empty(0)
+    # d hidden accumulates in fp32; an fp32 hidden's output is its own accumulator.
+    acc_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+    grad_h = hidden.new_empty(0) if not need_h else acc_h if hidden.dtype == torch.float32 else torch.empty_like(hidden)
+    for v0 in range(0, weight.shape[0], cols):
+        v1 = min(v0 + cols, weight.shape[0])
+        w_s = weight[v0:v1]
+        block = torch.nn.functional.linear(hidden, w_s, bias[v0:v1] if bias is not None else None)
+        ops.dlogits_(block, labels, lse, grad_logp, transform, col_offset=v0)
+        torch.mm(block.t(), hidden, out=grad_w[v0:v1])
+        if need_b:
+            grad_b[v0:v1] = block.sum(0, dtype=torch.float32)
+        if need_h:
+            add_product_(acc_h, block, w_s)
+        del block
+    if need_h and acc_h is not grad_h:
+        grad_h.copy_(acc_h)
+        del acc_h
+    return grad_h, grad_w, grad_b
+
+
+def _backward(grad_logp, hidden, weight, bias, labels, lse, scale, softcap, chunk_size, impl, need_h, need_w, need_b):
+    ops, transform = row_ops(impl), LogitTransform(scale=scale, softcap=softcap)
+    grad_logp = grad_logp.float()
+    cols = vocab_slice_cols(labels.shape[0], weight.shape[0], hidden.dtype, impl, hidden.device.type,
+                            chunk_size=chunk_size, hidden_size=hidden.shape[1]) if need_w else None
+    if cols is None:
+        return _backward_by_rows(grad_logp, hidden, weight, bias, labels, lse, transform, ops, chunk_size,
+                                 need_h, need_w, need_b)
+    return _backward_by_vocab(grad_logp, hidden, weight, bias, labels, lse, transform, ops, cols, need_h, need_b)
 
 
 @torch.library.custom_op("axolotl_bnf::token_logprobs", mutates_args=())

@@ -25,19 +25,25 @@ class LogitTransform:
             raise ValueError("scale must be a finite number, got NaN")
 
     def apply(self, raw: torch.Tensor) -> torch.Tensor:
-        """Logits from raw projections, never modifying `raw` (needed again for backprop): `raw` itself
-        when there is nothing to apply (no copy of the block), else a new tensor."""
+        """Logits from raw projections, never modifying `raw`: `raw` itself when there is nothing to apply
+        (no copy of the block), else a new tensor."""
         if self.scale is None and self.softcap is None:
             return raw
-        z = raw * self.scale if self.scale is not None else raw.clone()
-        if self.softcap is not None:
-            z.div_(self.softcap).tanh_().mul_(self.softcap)
-        return z
+        return self.apply_(raw.clone())
 
-    def backprop(self, dz: torch.Tensor, raw: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Turn dL/dz into dL/draw in place: tanh' = 1 - (z / cap)^2, then the scale."""
+    def apply_(self, raw: torch.Tensor) -> torch.Tensor:
+        """`apply` in place, for a tensor the caller owns (an upcast copy of the block)."""
+        if self.scale is not None:
+            raw.mul_(self.scale)
         if self.softcap is not None:
-            dz.mul_(1.0 - (z / self.softcap).square_())
+            raw.div_(self.softcap).tanh_().mul_(self.softcap)
+        return raw
+
+    def backprop_(self, dz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Turn dL/dz into dL/draw in place (tanh' = 1 - (z / cap)^2, then the scale); overwrites `z` when
+        there is a soft-cap (it is then never the block itself, see `torch_rows.logits`)."""
+        if self.softcap is not None:
+            dz.mul_(z.div_(self.softcap).square_().neg_().add_(1.0))
         if self.scale is not None:
             dz.mul_(self.scale)
         return dz

@@ -1,33 +1,65 @@
 """Row operations on one logits block, in plain PyTorch (CPU, reference, any device).
 
-`stats` gives per-row log-sum-exp, label logit and `sum_v p_v z_v`; `dlogits_` overwrites the block with
-dL/d(raw logits) for an upstream gradient on the label log-prob. The Triton back-end implements the same
-two functions; the chunk loop and the matmuls around them are shared (`chunked.py`).
+- `stats`: per-row log-sum-exp, label logit and `sum_v p_v z_v`;
+- `dlogits_`: overwrite the block with dL/d(raw logits) for an upstream gradient on the label log-prob;
+- `rule_pass_`: both, with the upstream gradient given by a `GradRule` in between (the single pass).
+The Triton back-end implements the same three functions; the chunk loops and the matmuls around them are
+shared (`chunked.py`, `single_pass.py`). At most two fp32 `[C, V]` temporaries are alive at once (the
+upcast logits and the exponentials), which `schedule.bytes_per_logit` charges.
 """
 from __future__ import annotations
 
 import torch
 
+from .grad_rules import GradRule
 from .logit_transform import LogitTransform
+
+
+def logits(block: torch.Tensor, transform: LogitTransform) -> torch.Tensor:
+    """fp32 logits of a block of raw projections: the block itself when it is fp32 and nothing is applied,
+    else a new tensor (an upcast copy, transformed in place)."""
+    z = block.float()
+    return transform.apply(z) if z is block else transform.apply_(z)
+
+
+def _stats(z: torch.Tensor, labels: torch.Tensor):
+    m = z.amax(1)
+    e = (z - m[:, None]).exp_()
+    s = e.sum(1)
+    t = e.mul_(z).sum(1)
+    lse = m + s.log()
+    return lse, z.gather(1, labels[:, None]).squeeze(1), t / s
 
 
 def stats(block: torch.Tensor, labels: torch.Tensor, transform: LogitTransform):
     """(lse, z_y, E_p[z]) per row of a `[C, V]` block of raw logits (any float dtype), all fp32."""
-    z = transform.apply(block.float())
-    lse = torch.logsumexp(z, dim=-1)
-    z_y = z.gather(1, labels[:, None]).squeeze(1)
-    expected_z = (z - lse[:, None]).exp_().mul_(z).sum(-1)
-    return lse, z_y, expected_z
+    return _stats(logits(block, transform), labels)
+
+
+def _write_dlogits(block, z, labels, lse, grad, transform, col_offset=0):
+    """block <- grad * (onehot(y) - p), chained through the transform; the block may be a slice of the
+    vocabulary starting at `col_offset` (a label outside it contributes no one-hot term)."""
+    dz = (z - lse[:, None]).exp_().mul_(-grad[:, None])
+    local = labels - col_offset
+    inside = (local >= 0) & (local < block.shape[1])
+    dz.scatter_add_(1, local.clamp(0, block.shape[1] - 1)[:, None], (grad * inside)[:, None])
+    block.copy_(transform.backprop_(dz, z))
+    return block
 
 
 def dlogits_(block: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-             transform: LogitTransform) -> torch.Tensor:
-    """Overwrite `block` (raw logits) with grad * (onehot(y) - p), chained through the transform."""
-    raw = block.float()
-    z = transform.apply(raw)
-    dz = (z - lse[:, None]).exp_().neg_()
-    dz.scatter_add_(1, labels[:, None], torch.ones_like(lse[:, None]))
-    dz.mul_(grad[:, None])
-    dz = transform.backprop(dz, raw, z)
-    block.copy_(dz)
-    return block
+             transform: LogitTransform, col_offset: int = 0) -> torch.Tensor:
+    """Overwrite `block` (raw logits of vocabulary columns `col_offset:`) with its d logits."""
+    return _write_dlogits(block, logits(block, transform), labels, lse, grad.float(), transform, col_offset)
+
+
+def rule_pass_(block: torch.Tensor, labels: torch.Tensor, rule: GradRule, a: torch.Tensor, b: torch.Tensor,
+               prescale: torch.Tensor, transform: LogitTransform):
+    """Statistics of the block, the rule's gradient, and the block overwritten with d logits for that
+    gradient times `prescale`. Returns fp32 (logp, neg_entropy, grad) per row."""
+    z = logits(block, transform)
+    lse, z_y, expected_z = _stats(z, labels)
+    logp = z_y - lse
+    grad = rule.grad(logp, a, b).float()
+    _write_dlogits(block, z, labels, lse, grad * prescale, transform)
+    return logp, expected_z - lse, grad

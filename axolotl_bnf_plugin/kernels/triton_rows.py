@@ -1,13 +1,15 @@
 """Row operations on one logits block as Triton kernels (CUDA; CPU under TRITON_INTERPRET=1).
 
-One program per row streams the row's vocabulary in blocks of BLOCK_V:
-- `_stats_kernel`: online softmax — a running max m, s = sum exp(z - m) and t = sum exp(z - m) * z,
-  rescaled when m grows — gives lse = m + log s and E_p[z] = t / s in one pass; the label logit is one
-  extra load.
-- `_dlogits_kernel`: recomputes p = exp(z - lse) and writes grad * (onehot(y) - p), chained through the
-  soft-cap and scale, over the block in place (in the block's dtype), ready for the two matmuls.
-All arithmetic is fp32 whatever the block's dtype. tanh is written with exp so the same code runs in
-the interpreter.
+- `_stats_kernel`, one program per row: an online softmax over the row in tiles of BLOCK_V (running max m,
+  s = sum exp(z - m), t = sum exp(z - m) * z, rescaled when m grows) gives lse = m + log s and
+  E_p[z] = t / s in one read of the row; the label logit is one more load.
+- `_dlogits_kernel`, one program per (row, tile): d logits depend on the row only through its lse, label
+  and upstream gradient, so the block is a flat elementwise map, launched over every tile at once to keep
+  all of HBM's bandwidth busy. It takes a column offset, so it serves vocabulary slices too.
+- `_rule_pass_kernel`, one program per row: the statistics, then the loss's gradient rule (a `@triton.jit`
+  function passed as a compile-time argument), then the d logits written over the row, in one launch. The
+  second read of the row follows the first closely, while the row is still in L2.
+All arithmetic is fp32 whatever the block's dtype; tanh is written with exp so the interpreter runs it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .grad_rules import GradRule
 from .logit_transform import LogitTransform
 
 
@@ -30,10 +33,20 @@ def _transform(raw, scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.con
 
 
 @triton.jit
-def _stats_kernel(block_ptr, stride_row, labels_ptr, lse_ptr, zy_ptr, ez_ptr, V, scale, softcap,
-                  HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = block_ptr + row * stride_row
+def _dz(z, cols, label, lse, grad, scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """d loss / d raw logit for an upstream gradient `grad` on the label's log-prob."""
+    dz = grad * (tl.where(cols == label, 1.0, 0.0) - tl.exp(z - lse))
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - (z / softcap) * (z / softcap))
+    if HAS_SCALE:
+        dz = dz * scale
+    return dz
+
+
+@triton.jit
+def _row_stats(base, label, V, scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """(lse, z_y, E_p[z]) of one row by an online softmax."""
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
@@ -49,40 +62,71 @@ def _stats_kernel(block_ptr, stride_row, labels_ptr, lse_ptr, zy_ptr, ez_ptr, V,
         s = s * rescale + tl.sum(e, axis=0)
         t = t * rescale + tl.sum(e * tl.where(inside, z, 0.0), axis=0)
         m = m_new
-    label = tl.load(labels_ptr + row)
     z_y = _transform(tl.load(base + label).to(tl.float32), scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-    tl.store(lse_ptr + row, m + tl.log(s))
-    tl.store(zy_ptr + row, z_y)
-    tl.store(ez_ptr + row, t / s)
+    return m + tl.log(s), z_y, t / s
 
 
 @triton.jit
-def _dlogits_kernel(block_ptr, stride_row, labels_ptr, lse_ptr, grad_ptr, V, scale, softcap,
+def _stats_kernel(block_ptr, stride_row, labels_ptr, lse_ptr, zy_ptr, ez_ptr, V, scale, softcap,
+                  HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    lse, z_y, ez = _row_stats(block_ptr + row * stride_row, label, V, scale, softcap, HAS_SCALE, HAS_SOFTCAP,
+                              BLOCK_V)
+    tl.store(lse_ptr + row, lse)
+    tl.store(zy_ptr + row, z_y)
+    tl.store(ez_ptr + row, ez)
+
+
+@triton.jit
+def _dlogits_kernel(block_ptr, stride_row, labels_ptr, lse_ptr, grad_ptr, V, col_offset, scale, softcap,
                     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    inside = cols < V
+    base = block_ptr + row * stride_row
+    label = tl.load(labels_ptr + row) - col_offset
+    raw = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32)
+    z = _transform(raw, scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    dz = _dz(z, cols, label, tl.load(lse_ptr + row), tl.load(grad_ptr + row), scale, softcap, HAS_SCALE,
+             HAS_SOFTCAP)
+    tl.store(base + cols, dz.to(block_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _rule_pass_kernel(block_ptr, stride_row, labels_ptr, a_ptr, b_ptr, prescale_ptr, logp_ptr, negent_ptr,
+                      grad_ptr, V, scale, softcap, RULE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = block_ptr + row * stride_row
     label = tl.load(labels_ptr + row)
-    lse = tl.load(lse_ptr + row)
-    grad = tl.load(grad_ptr + row)
+    lse, z_y, ez = _row_stats(base, label, V, scale, softcap, HAS_SCALE, HAS_SOFTCAP, BLOCK_V)
+    logp = z_y - lse
+    grad = RULE(logp, tl.load(a_ptr + row).to(tl.float32), tl.load(b_ptr + row).to(tl.float32))
+    tl.store(logp_ptr + row, logp)
+    tl.store(negent_ptr + row, ez - lse)
+    tl.store(grad_ptr + row, grad)
+    grad = grad * tl.load(prescale_ptr)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         inside = cols < V
         raw = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32)
         z = _transform(raw, scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        dz = grad * (tl.where(cols == label, 1.0, 0.0) - tl.exp(z - lse))
-        if HAS_SOFTCAP:
-            dz = dz * (1.0 - (z / softcap) * (z / softcap))
-        if HAS_SCALE:
-            dz = dz * scale
+        dz = _dz(z, cols, label, lse, grad, scale, softcap, HAS_SCALE, HAS_SOFTCAP)
         tl.store(base + cols, dz.to(block_ptr.dtype.element_ty), mask=inside)
 
 
-# Vocabulary columns per step of a row's loop (a power of two).
+# Vocabulary columns per tile of a row's loop (a power of two), and per program of the elementwise kernel.
 MAX_BLOCK_V = 4096
+ELEMENTWISE_BLOCK_V = 2048
 
 
-def _block_v(vocab: int) -> int:
-    return min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+def _block_v(vocab: int, largest: int) -> int:
+    return min(largest, MAX_BLOCK_V, triton.next_power_of_2(vocab))
+
+
+def _warps(block_v: int) -> int:
+    return 8 if block_v >= 2048 else 4
 
 
 def _flags(transform: LogitTransform):
@@ -99,15 +143,39 @@ def stats(block: torch.Tensor, labels: torch.Tensor, transform: LogitTransform):
     lse = torch.empty(rows, dtype=torch.float32, device=block.device)
     z_y, expected_z = torch.empty_like(lse), torch.empty_like(lse)
     if rows:
+        bv = _block_v(vocab, MAX_BLOCK_V)
         _stats_kernel[(rows,)](block, block.stride(0), labels, lse, z_y, expected_z, vocab,
-                               BLOCK_V=_block_v(vocab), **_flags(transform))
+                               BLOCK_V=bv, num_warps=_warps(bv), **_flags(transform))
     return lse, z_y, expected_z
 
 
 def dlogits_(block: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-             transform: LogitTransform) -> torch.Tensor:
+             transform: LogitTransform, col_offset: int = 0) -> torch.Tensor:
     rows, vocab = block.shape
     if rows:
-        _dlogits_kernel[(rows,)](block, block.stride(0), labels, lse, grad.float().contiguous(), vocab,
-                                 BLOCK_V=_block_v(vocab), **_flags(transform))
+        bv = _block_v(vocab, ELEMENTWISE_BLOCK_V)
+        _dlogits_kernel[(rows, triton.cdiv(vocab, bv))](
+            block, block.stride(0), labels, lse, grad.float().contiguous(), vocab, col_offset,
+            BLOCK_V=bv, num_warps=_warps(bv), **_flags(transform))
     return block
+
+
+def rule_pass_(block: torch.Tensor, labels: torch.Tensor, rule: GradRule, a: torch.Tensor, b: torch.Tensor,
+               prescale: torch.Tensor, transform: LogitTransform):
+    """One kernel when the rule has a Triton form; else statistics, the rule in PyTorch, d logits."""
+    if rule.triton_grad is None:
+        lse, z_y, expected_z = stats(block, labels, transform)
+        logp = z_y - lse
+        grad = rule.grad(logp, a, b).float()
+        dlogits_(block, labels, lse, grad * prescale, transform)
+        return logp, expected_z - lse, grad
+    rows, vocab = block.shape
+    logp = torch.empty(rows, dtype=torch.float32, device=block.device)
+    neg_entropy, grad = torch.empty_like(logp), torch.empty_like(logp)
+    if rows:
+        bv = _block_v(vocab, MAX_BLOCK_V)
+        _rule_pass_kernel[(rows,)](block, block.stride(0), labels, a.contiguous(), b.contiguous(),
+                                   prescale.float().reshape(1), logp, neg_entropy, grad, vocab,
+                                   RULE=rule.triton_grad, BLOCK_V=bv, num_warps=_warps(bv), **_flags(transform))
+    return logp, neg_entropy, grad
+

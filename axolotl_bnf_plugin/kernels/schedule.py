@@ -1,0 +1,76 @@
+"""How large a logits block may be: rows (and vocabulary columns) from the bytes an implementation allocates.
+
+The op's memory beyond its inputs and outputs is one `[rows, cols]` logits block at a time, plus an fp32
+gradient accumulator where one is needed (`d weight` over row chunks; `d hidden` over vocabulary slices).
+The block's cost per logit depends on the implementation:
+- `triton`: the block itself, in the inputs' dtype; the row kernels read and overwrite it in place and
+  allocate nothing. (On CPU, under the interpreter, the `d weight` product of a half-precision block needs
+  an fp32 copy of it: 4 more bytes.)
+- `torch`: the block plus at most two fp32 `[rows, V]` temporaries alive at once in `torch_rows` (the
+  upcast logits and the exponentials / d logits): 8 more bytes.
+
+Large blocks matter for speed as much as small ones for memory: every row chunk re-reads the whole
+`[V, H]` weight and, when `d weight` is accumulated over row chunks, reads and writes its fp32
+accumulator; and a GEMM with few rows leaves most of a large GPU idle. So the default workspace is spent
+fully, and rows are rounded to multiples of 128 (tensor-core tiles) when that many fit.
+"""
+from __future__ import annotations
+
+import torch
+
+# Bytes the logits block (and its temporaries) may take.
+DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
+
+# Fewest vocabulary columns a slice of the vocabulary-sliced backward may have before it falls back to
+# row chunks: below this the slice's GEMMs get too thin to run well.
+MIN_SLICE_COLS = 1024
+
+
+def bytes_per_logit(impl: str, dtype: torch.dtype, device_type: str = "cuda") -> int:
+    """Bytes allocated per element of a `[rows, V]` logits block by implementation `impl`, at its peak."""
+    element = torch.finfo(dtype).bits // 8
+    if impl == "torch":
+        return element + 8
+    if impl == "triton":
+        return element + (4 if device_type != "cuda" and element < 4 else 0)
+    raise ValueError(f"impl must be 'torch' or 'triton', got {impl!r}")
+
+
+def _round_rows(rows: int) -> int:
+    """Multiples of 128 where that many fit, else of 16; at least 16."""
+    if rows >= 128:
+        return rows // 128 * 128
+    return max(rows // 16 * 16, 16)
+
+
+def rows_per_block(vocab_size: int, dtype: torch.dtype, impl: str = "torch", device_type: str = "cuda",
+                   workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> int:
+    """Most rows whose `[rows, vocab_size]` block (with its temporaries) fits the workspace; at least 16."""
+    return _round_rows(workspace_bytes // (vocab_size * bytes_per_logit(impl, dtype, device_type)))
+
+
+def default_chunk_size(vocab_size: int, dtype: torch.dtype, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+                       impl: str = "torch", device_type: str = "cuda") -> int:
+    """Rows per block of the row-chunked passes (the name the trainer's `bnf_loss_chunk_size` overrides)."""
+    return rows_per_block(vocab_size, dtype, impl, device_type, workspace_bytes)
+
+
+def vocab_slice_cols(rows: int, vocab_size: int, dtype: torch.dtype, impl: str = "torch",
+                     device_type: str = "cuda", workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+                     chunk_size: int | None = None, hidden_size: int = 0) -> int | None:
+    """Vocabulary columns per slice when all `rows` go through one `[rows, cols]` block, or None when fewer
+    than `MIN_SLICE_COLS` columns would fit (the backward then chunks rows instead).
+
+    `chunk_size`, when the caller set one, caps the block at `chunk_size * vocab_size` logits' bytes, what
+    the row-chunked passes hold, so one setting bounds both schedules. Half precision off CUDA also pays an
+    fp32 copy of each `[cols, hidden_size]` weight slice (the `d hidden` product, `chunked.add_product_`).
+    """
+    per_logit = bytes_per_logit(impl, dtype, device_type)
+    budget = workspace_bytes if chunk_size is None else chunk_size * vocab_size * per_logit
+    upcast_weight = 4 * hidden_size if device_type != "cuda" and torch.finfo(dtype).bits < 32 else 0
+    cols = budget // (max(rows, 1) * per_logit + upcast_weight)
+    if cols >= vocab_size:
+        return vocab_size
+    if cols < max(MIN_SLICE_COLS, 1):
+        return None
+    return int(cols // 128 * 128 if cols >= 128 else cols)
