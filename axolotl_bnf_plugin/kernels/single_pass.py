@@ -86,6 +86,9 @@ def _setup_context(ctx, inputs, output):
     ctx.weight_dtype = inputs[1].dtype
     ctx.rule = inputs[4]
     ctx.mark_non_differentiable(*output[1:])
+    # Only logp takes a gradient: without this, backward would allocate zeros for every other output,
+    # an fp32 [V, H] among them.
+    ctx.set_materialize_grads(False)
 
 
 def upstream_factor(grad_logp: torch.Tensor, predicted: torch.Tensor, rule: str) -> torch.Tensor:
