@@ -12,7 +12,7 @@ The block's cost per logit depends on the implementation:
 Large blocks matter for speed as much as small ones for memory: every row chunk re-reads the whole
 `[V, H]` weight and, when `d weight` is accumulated over row chunks, reads and writes its fp32
 accumulator; and a GEMM with few rows leaves most of a large GPU idle. So the default workspace is spent
-fully, and rows are rounded to multiples of 128 (tensor-core tiles) when that many fit.
+fully, and rows are rounded to multiples of 64 (a GEMM tile) when that many fit.
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ def bytes_per_logit(impl: str, dtype: torch.dtype, device_type: str = "cuda") ->
 
 
 def _round_rows(rows: int) -> int:
-    """Multiples of 128 where that many fit, else of 16; at least 16."""
-    if rows >= 128:
-        return rows // 128 * 128
+    """Multiples of 64 (a GEMM tile) where that many fit, else of 16; at least 16."""
+    if rows >= 64:
+        return rows // 64 * 64
     return max(rows // 16 * 16, 16)
 
 
