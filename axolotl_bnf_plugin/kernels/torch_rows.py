@@ -5,7 +5,8 @@
 - `rule_pass_`: both, with the upstream gradient given by a `GradRule` in between (the single pass).
 The Triton back-end implements the same three functions; the chunk loops and the matmuls around them are
 shared (`chunked.py`, `single_pass.py`). At most two fp32 `[C, V]` temporaries are alive at once (the
-upcast logits and the exponentials), which `schedule.bytes_per_logit` charges.
+upcast logits and the exponentials), which `schedule.bytes_per_logit` charges; an fp32 block without a
+soft-cap is turned into its d logits in place.
 """
 from __future__ import annotations
 
@@ -38,12 +39,17 @@ def stats(block: torch.Tensor, labels: torch.Tensor, transform: LogitTransform):
 
 def _write_dlogits(block, z, labels, lse, grad, transform, col_offset=0):
     """block <- grad * (onehot(y) - p), chained through the transform; the block may be a slice of the
-    vocabulary starting at `col_offset` (a label outside it contributes no one-hot term)."""
-    dz = (z - lse[:, None]).exp_().mul_(-grad[:, None])
+    vocabulary starting at `col_offset` (a label outside it contributes no one-hot term). `z` (the block's
+    logits, possibly the block itself) is consumed: d logits are built in it unless the soft-cap's chain
+    rule still needs it."""
+    dz = z - lse[:, None] if transform.softcap is not None else z.sub_(lse[:, None])
+    dz.exp_().mul_(-grad[:, None])
     local = labels - col_offset
     inside = (local >= 0) & (local < block.shape[1])
     dz.scatter_add_(1, local.clamp(0, block.shape[1] - 1)[:, None], (grad * inside)[:, None])
-    block.copy_(transform.backprop_(dz, z))
+    transform.backprop_(dz, z)
+    if dz is not block:
+        block.copy_(dz)
     return block
 
 
