@@ -321,8 +321,9 @@ def adapter_for_type(ds_type: str) -> Adapter | None:
     return None
 
 
-def detect_adapter(columns: list[str], first_row: dict[str, Any], fields: Fields) -> Adapter:
-    """Choose an adapter from the columns (and the first row's value types) of a data set without `type:`."""
+def detect_adapter(columns: list[str], sample_rows: list[dict[str, Any]], fields: Fields) -> Adapter:
+    """Choose an adapter from the columns (and the value types of the first rows that have a value: a bad
+    first row does not decide the format) of a data set without `type:`."""
     cols = set(columns)
     if {fields.completion, fields.label} <= cols:
         return ADAPTERS["unpaired"]
@@ -330,7 +331,8 @@ def detect_adapter(columns: list[str], first_row: dict[str, Any], fields: Fields
         return ADAPTERS["ranked"]
     if {fields.chosen, fields.rejected} <= cols:
         has_prompt = any(k in cols for k in PROMPT_KEYS) or fields.prompt in cols
-        chosen = first_row.get(fields.chosen)
+        chosen = next((row[fields.chosen] for row in sample_rows
+                       if isinstance(row.get(fields.chosen), (str, list)) and row[fields.chosen]), None)
         if not has_prompt and isinstance(chosen, str) and HH_ASSISTANT in chosen:
             return ADAPTERS["hh"]
         return ADAPTERS["pairs"]

@@ -37,7 +37,13 @@ from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
 
 from .adapters import Fields, MissingColumns, Skip, adapter_for_type, check_columns, detect_adapter
-from .axolotl_types import DatasetFormatError, axolotl_candidate, resolve_axolotl_transform
+from .axolotl_types import (
+    DatasetFormatError,
+    axolotl_candidate,
+    failure_prefix,
+    resolve_axolotl_transform,
+    strategy_name,
+)
 from .examples import KEPT, STATUS, candidate_example, dropped
 from .raw_rows import is_local_json, read_json_rows
 from .tokenize import LengthPolicy
@@ -45,7 +51,7 @@ from .tokenize import LengthPolicy
 LOG = get_logger(__name__)
 
 # Bumped whenever the prepared layout or tokenization changes, so stale caches are never reused.
-PREPARED_FORMAT = "bnf-examples-v3"
+PREPARED_FORMAT = "bnf-examples-v4"
 SOURCE_ROW = "bnf_source_row"  # where a row came from, for the report (dropped before training)
 EXAMPLE_FEATURES = Features(
     {
@@ -104,23 +110,30 @@ def _chat_template(cfg, ds_cfg: dict, tokenizer) -> str | None:
     return get_chat_template_from_config(cfg, ds_cfg=ds_cfg, tokenizer=tokenizer)
 
 
-def candidate_function(cfg, raw_datasets: list[dict], idx: int, tokenizer, columns: list[str], label: str, first_row):
-    """(row -> Candidate, description) for data set `idx`: the plugin's adapter or Axolotl's `type:`."""
+SAMPLE_ROWS = 20  # rows the format is detected and described from
+
+
+def candidate_function(cfg, raw_datasets: list[dict], idx: int, tokenizer, columns: list[str], label: str,
+                       sample_rows: list[dict]):
+    """(row -> Candidate, description, Axolotl strategy name or None) for data set `idx`: the plugin's
+    adapter or Axolotl's `type:`. `sample_rows` are the data set's first rows (detection reads them)."""
     ds_cfg = raw_datasets[idx]
     fields = Fields.from_dataset_config(ds_cfg)
     ds_type = ds_cfg.get("type")
     try:
-        adapter = adapter_for_type(ds_type) if ds_type else detect_adapter(columns, first_row, fields)
+        adapter = adapter_for_type(ds_type) if ds_type else detect_adapter(columns, sample_rows, fields)
         if adapter is not None:
             check_columns(adapter, columns, fields)
     except (MissingColumns, ValueError) as err:
         raise DatasetFormatError(f"{label}: {err}; the data set has columns {columns}") from None
     if adapter is not None:
         how = f"type bnf.{adapter.name}" if ds_type else "detected"
-        return partial(adapter.convert, fields=fields), how
+        return partial(adapter.convert, fields=fields), how, None
     unpaired = fields.label in columns
     transform = resolve_axolotl_transform(cfg, raw_datasets, idx, tokenizer, unpaired)
-    return partial(axolotl_candidate, transform, unpaired=unpaired, label_key=fields.label), f"type {ds_type}"
+    strategy = strategy_name(ds_type)
+    to_candidate = partial(axolotl_candidate, transform, unpaired=unpaired, label_key=fields.label, strategy=strategy)
+    return to_candidate, f"type {ds_type}", strategy
 
 
 def _describe_format(converter: RowConverter, first_rows: list[tuple[int, dict]], how: str, label: str) -> None:
@@ -140,19 +153,23 @@ def _examples_dataset(examples: list[dict[str, Any]]) -> Dataset:
     return Dataset.from_list(examples, features=EXAMPLE_FEATURES)
 
 
-def _convert_dataset(cfg, raw_datasets, idx, tokenizer, label, policy: LengthPolicy) -> tuple[Dataset, str]:
-    """Example rows (with status and source row) for a data set loaded by Axolotl's loader."""
+def _convert_dataset(cfg, raw_datasets, idx, tokenizer, label,
+                     policy: LengthPolicy) -> tuple[Dataset, str, str | None]:
+    """Example rows (with status and source row) for a data set loaded by Axolotl's loader, the unit rows
+    are numbered in, and the Axolotl strategy used (None for the plugin's adapters)."""
     ds_cfg = raw_datasets[idx]
     try:
         raw = _load_raw(ds_cfg, cfg)
     except (OSError, ValueError) as err:
         raise DatasetFormatError(f"{label}: cannot be loaded: {err}") from None
     if len(raw) == 0:
-        return _examples_dataset([]), "row"
+        return _examples_dataset([]), "row", None
     columns = list(raw.column_names)
-    to_candidate, how = candidate_function(cfg, raw_datasets, idx, tokenizer, columns, label, raw[0])
+    first_rows = [(i, raw[i]) for i in range(min(len(raw), SAMPLE_ROWS))]
+    to_candidate, how, strategy = candidate_function(cfg, raw_datasets, idx, tokenizer, columns, label,
+                                                     [row for _, row in first_rows])
     converter = RowConverter(to_candidate, tokenizer, _chat_template(cfg, ds_cfg, tokenizer), policy, label, columns)
-    _describe_format(converter, [(i, raw[i]) for i in range(min(len(raw), 20))], how, label)
+    _describe_format(converter, first_rows, how, label)
     converted = raw.map(
         converter,
         with_indices=True,
@@ -162,22 +179,51 @@ def _convert_dataset(cfg, raw_datasets, idx, tokenizer, label, policy: LengthPol
         load_from_cache_file=False,
         desc=f"Tokenizing {label}",
     )
-    return converted, "row"
+    return converted, "row", strategy
 
 
-def _convert_local_json(cfg, raw_datasets, idx, tokenizer, label, policy: LengthPolicy) -> tuple[Dataset, str]:
+def _convert_local_json(cfg, raw_datasets, idx, tokenizer, label,
+                        policy: LengthPolicy) -> tuple[Dataset, str, str | None]:
     """Example rows for a local JSON / JSONL file read line by line (see `raw_rows`)."""
     ds_cfg = raw_datasets[idx]
     rows, problems = read_json_rows(ds_cfg["path"])
     examples = [{**dropped(reason), SOURCE_ROW: line} for line, reason in problems]
+    strategy = None
     if rows:
         columns = sorted({key for _, row in rows for key in row})
-        to_candidate, how = candidate_function(cfg, raw_datasets, idx, tokenizer, columns, label, rows[0][1])
+        to_candidate, how, strategy = candidate_function(cfg, raw_datasets, idx, tokenizer, columns, label,
+                                                         [row for _, row in rows[:SAMPLE_ROWS]])
         converter = RowConverter(to_candidate, tokenizer, _chat_template(cfg, ds_cfg, tokenizer), policy, label, columns)
-        _describe_format(converter, rows[:20], how, label)
+        _describe_format(converter, rows[:SAMPLE_ROWS], how, label)
         examples += [converter(row, line) for line, row in rows]
     examples.sort(key=lambda e: e[SOURCE_ROW])
-    return _examples_dataset(examples), "line"
+    return _examples_dataset(examples), "line", strategy
+
+
+def _check_strategy(label: str, strategy: str | None, counts: Counter, where: dict[str, list[int]], unit: str) -> None:
+    """Stop when a data set has no usable row and its Axolotl strategy failed on rows: a type that fits no
+    row of a data set is a configuration error (wrong type, columns or options), not bad rows."""
+    if strategy is None or any(counts.get(status) for status in KEPT):
+        return
+    failures = {reason: sources for reason, sources in where.items() if reason.startswith(failure_prefix(strategy))}
+    if not failures:
+        return
+    failed, total = sum(len(s) for s in failures.values()), sum(counts.values())
+    shown = []
+    for reason, sources in sorted(failures.items(), key=lambda item: (-len(item[1]), item[0]))[:3]:
+        more = f" (+{len(sources) - 5} more)" if len(sources) > 5 else ""
+        shown.append(f"  {reason}: {unit}s {', '.join(str(s) for s in sources[:5])}{more}")
+    if len(failures) > 3:
+        shown.append(f"  ... and {len(failures) - 3} other reasons")
+    hint = ""
+    if any("not text)" in reason for reason in failures):
+        hint = (" It returned something other than text: use a type that formats such columns (e.g. "
+                "chat_template.default, or the plugin's bnf.pairs for message lists).")
+    raise DatasetFormatError(
+        f"{label}: no usable rows: Axolotl type {strategy!r} failed on {failed} of the data set's {total} {unit}s. "
+        f"Check that this type fits the data set's columns and the entry's options (field_*, roles, "
+        f"chat_template).{hint} First reasons:\n" + "\n".join(shown)
+    )
 
 
 def _prepare_split(cfg, tokenizer, raw_datasets: list[dict], split: str) -> tuple[Dataset, list[tuple]]:
@@ -186,7 +232,7 @@ def _prepare_split(cfg, tokenizer, raw_datasets: list[dict], split: str) -> tupl
     for idx, ds_cfg in enumerate(raw_datasets):
         label = f"{'datasets' if split == 'train' else 'test_datasets'}[{idx}] ({ds_cfg.get('path')})"
         convert = _convert_local_json if is_local_json(ds_cfg) else _convert_dataset
-        converted, unit = convert(cfg, raw_datasets, idx, tokenizer, label, policy)
+        converted, unit, strategy = convert(cfg, raw_datasets, idx, tokenizer, label, policy)
         statuses, sources = converted[STATUS], converted[SOURCE_ROW]
         counts = Counter(statuses)
         where: dict[str, list[int]] = {}
@@ -194,6 +240,7 @@ def _prepare_split(cfg, tokenizer, raw_datasets: list[dict], split: str) -> tupl
             if status not in KEPT:
                 where.setdefault(status, []).append(source)
         report.append((label, counts, where, unit))
+        _check_strategy(label, strategy, counts, where, unit)
         if len(converted) == 0:
             LOG.warning("%s is empty: skipped", label)
             continue
