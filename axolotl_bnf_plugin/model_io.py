@@ -5,10 +5,17 @@ see a normal forward and backward; only `logits_to_keep=1` keeps the `[tokens, v
 built. The final hidden states are taken from the decoder's output by a forward hook. The head is the
 model's output embedding (tied or not), with a LoRA delta on `lm_head` folded in, and the model's own
 logit post-processing (scale, soft-capping) read from its config.
+
+A mixture-of-experts model whose config sets `output_router_logits` also returns its router load-balancing
+loss from the policy's forward (`router_aux_coef`, `forward_hidden(..., router_aux=True)`); every other
+forward (reference, precomputed scoring) asks the model not to record router logits at all.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +23,7 @@ import torch
 from .kernels import LogitTransform, token_logprobs
 
 IGNORE_INDEX = -100
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,8 +67,46 @@ def unwrap_peft(model):
     return unwrap(model, keep_peft=True)
 
 
+# Logit post-processing that some families configure under keys of their own, which `logit_transform` does
+# not read: scored with the plain head, such a model would be trained on another distribution.
+UNMODELLED_LOGIT_KEYS = {
+    "logits_soft_cap": "soft-caps its logits with `logits_soft_cap` (RecurrentGemma)",
+    "output_logit_soft_cap": "soft-caps its logits with `output_logit_soft_cap` (xLSTM)",
+    "lm_head_multiplier": "multiplies its logits by `lm_head_multiplier` (Falcon-H1)",
+}
+
+
+def unsupported_head_reason(config) -> str | None:
+    """Why the fused op cannot score a model with this config the way the model scores itself; None if it can."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key, what in UNMODELLED_LOGIT_KEYS.items():
+        value = getattr(text_config, key, None)
+        if value is not None and value != 0 and not (key == "lm_head_multiplier" and value == 1):
+            return f"it {what} = {value!r}, a transform of the logits the plugin's fused log-prob op does not apply"
+    unpadded = getattr(text_config, "unpadded_vocab_size", None)
+    vocab = getattr(text_config, "vocab_size", None)
+    if unpadded is not None and vocab is not None and unpadded < vocab:
+        return (f"its logits keep only the first {unpadded} of the {vocab} output-embedding rows "
+                "(`unpadded_vocab_size`), and the fused log-prob op normalises over every row")
+    return None
+
+
+def refuse_unsupported_head(config) -> None:
+    """Raise `NotImplementedError` naming the family and the reason when `unsupported_head_reason` has one."""
+    reason = unsupported_head_reason(config)
+    if reason is not None:
+        family = getattr(config, "model_type", None) or type(config).__name__
+        architectures = ", ".join(getattr(config, "architectures", None) or [])
+        raise NotImplementedError(
+            f"rl: bnf / asft cannot train a {family!r} model{f' ({architectures})' if architectures else ''}: "
+            f"{reason}, so its per-token log-probs would not be the model's own"
+        )
+
+
 def logit_transform(config) -> LogitTransform:
-    """Scale and soft-cap the architecture applies to `lm_head` outputs (Cohere, Granite, Gemma 2/3)."""
+    """Scale and soft-cap the architecture applies to `lm_head` outputs (Cohere, Granite, Gemma 2/3); a
+    family whose logits go through anything else is refused (`refuse_unsupported_head`)."""
+    refuse_unsupported_head(config)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     scale = None
     if getattr(text_config, "logit_scale", None) is not None:
@@ -151,27 +197,123 @@ def capture_final_hidden(model):
         handle.remove()
 
 
-def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(final hidden states [R, L, H], the model's own logits at the last position or None)."""
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _router_logits_on(model) -> bool:
+    """Whether the model's config sets `output_router_logits` (its forward then records router logits and
+    computes the load-balancing loss unless told otherwise)."""
+    config = getattr(unwrap(model), "config", None)
+    return config is not None and getattr(_text_config(config), "output_router_logits", None) is True
+
+
+def router_aux_coef(model) -> float | None:
+    """`router_aux_loss_coef` when the model's config sets `output_router_logits` (an MoE model whose router
+    load-balancing loss is to be trained), else None: nothing is recorded or added then."""
+    if not _router_logits_on(model):
+        return None
+    base = unwrap(model)
+    config = base.config
+    coef = getattr(_text_config(config), "router_aux_loss_coef", None)
+    if coef is None:
+        coef = getattr(base, "router_aux_loss_coef", None)
+    if coef is None:
+        raise ValueError(
+            f"{type(base).__name__}: output_router_logits is set but the config has no router_aux_loss_coef; set "
+            "both under `model_config:` (e.g. `model_config: {output_router_logits: true, "
+            "router_aux_loss_coef: 0.001}`)"
+        )
+    return float(coef)
+
+
+def _standard_balancing_loss(base):
+    """The architecture's `load_balancing_loss_func(gate_logits, num_experts, top_k, attention_mask)` with its
+    expert counts, or None where its module has no such function (or one with other parameters)."""
+    fn = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+    experts, top_k = getattr(base, "num_experts", None), getattr(base, "num_experts_per_tok", None)
+    if fn is None or experts is None or top_k is None:
+        return None
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # pragma: no cover
+        return None
+    if params != ["gate_logits", "num_experts", "top_k", "attention_mask"]:
+        return None
+    return lambda router_logits, mask: fn(router_logits, experts, top_k, mask)
+
+
+_warned_padded_aux = set()
+
+
+def _router_aux_loss(model, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's router load-balancing loss over the batch's real tokens (padding excluded).
+
+    An unpacked batch carries its padding mask, and the model's own `aux_loss` already used it. A packed batch
+    has no attention mask (the position ids keep its responses apart), so the model counted the padding at the
+    end of its rows as tokens: the loss is computed again from the recorded router logits with the batch's
+    token mask (`response_index >= 0`), so packed and unpacked layouts of the same examples give the same
+    aux loss.
+    """
+    base = unwrap(model)
+    aux = getattr(outputs, "aux_loss", None)
+    router_logits = getattr(outputs, "router_logits", None)
+    if "attention_mask" not in batch and "response_index" in batch and isinstance(router_logits, tuple) \
+            and router_logits:
+        balancing = _standard_balancing_loss(base)
+        if balancing is not None:
+            aux = balancing(router_logits, batch["response_index"] >= 0)
+        elif type(base).__name__ not in _warned_padded_aux:
+            _warned_padded_aux.add(type(base).__name__)
+            LOG.warning(
+                "%s: the router load-balancing loss of packed batches counts their padding tokens (the "
+                "architecture's own aux loss is used as is)", type(base).__name__)
+    if aux is None:
+        raise RuntimeError(
+            f"{type(base).__name__}: the config sets output_router_logits but the forward returned no aux_loss, "
+            "so the router load-balancing loss cannot be trained; unset output_router_logits or use a model "
+            "whose forward returns it"
+        )
+    if not torch.is_tensor(aux):  # a model without router layers returns the number 0
+        aux = torch.as_tensor(float(aux))
+    return aux.float()
+
+
+def forward_hidden(model, batch: dict[str, torch.Tensor], router_aux: bool = False):
+    """(final hidden states [R, L, H], the model's own logits at the last position or None).
+
+    With `router_aux` (the policy's forward), a third item: the router load-balancing loss (fp32 scalar) when
+    the model's config sets `output_router_logits`, else None. A model whose config sets the flag is told
+    `output_router_logits=False` in every other forward, so that no router logits are recorded there; without
+    the flag the model is called exactly as before.
+    """
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    want_aux = router_aux and _router_logits_on(model)
+    if _router_logits_on(model):
+        kwargs["output_router_logits"] = want_aux
     with capture_final_hidden(model) as captured:
         outputs = model(**kwargs, logits_to_keep=1, use_cache=False, return_dict=True)
     if len(captured) != 1:
         raise RuntimeError(f"expected one decoder forward, saw {len(captured)}")
-    return captured[0], getattr(outputs, "logits", None)
+    last_logits = getattr(outputs, "logits", None)
+    if not router_aux:
+        return captured[0], last_logits
+    return captured[0], last_logits, _router_aux_loss(model, outputs, batch) if want_aux else None
 
 
 def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
-                         check_head: bool = False, impl: str = "auto", grad_rule=None, grad_inputs=None):
+                         check_head: bool = False, impl: str = "auto", grad_rule=None, grad_inputs=None,
+                         router_aux: bool = False):
     """Per-token (logp, neg_entropy, scored mask), each `[R, L]`, of every row's own next tokens.
 
     Position t scores label t + 1 (the usual causal shift); only tokens whose label is not -100 are
     scored, and the fused op never forms the `[R * L, V]` logits. With `check_head`, the model's own
     last-position logits are compared with the op's projection first (see `check_head_matches`).
     `grad_rule` / `grad_inputs`: a loss's gradient rule and its per-position inputs `[R, L]`, for the
-    single-pass gradient (see `kernels.token_logprobs`).
+    single-pass gradient (see `kernels.token_logprobs`). With `router_aux` (the policy's forward), a fourth
+    item: the router load-balancing loss, or None (see `forward_hidden`).
     """
-    hidden, last_logits = forward_hidden(model, batch)
+    hidden, last_logits, *aux = forward_hidden(model, batch, router_aux=router_aux)
     rows, length, width = hidden.shape
     labels = batch["labels"]
     targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
@@ -203,7 +345,7 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
         logp, neg_entropy = _score_inside_head_call(head_module, score, hidden.reshape(-1, width))
     else:
         logp, neg_entropy = score(hidden.reshape(-1, width))
-    return logp.view(rows, length), neg_entropy.view(rows, length), targets != IGNORE_INDEX
+    return (logp.view(rows, length), neg_entropy.view(rows, length), targets != IGNORE_INDEX, *aux)
 
 
 def _score_inside_head_call(head_module: torch.nn.Module, score, flat_hidden: torch.Tensor):
@@ -237,6 +379,12 @@ def check_head_matches(model, hidden: torch.Tensor, last_logits: torch.Tensor | 
         return
     ours = head.transform.apply(torch.nn.functional.linear(hidden[:, -1], head.weight, head.bias).float())
     theirs = last_logits[:, -1].float()
+    if ours.shape != theirs.shape:
+        raise RuntimeError(
+            f"{type(unwrap(model)).__name__}: the model's logits have {theirs.shape[-1]} columns but its output "
+            f"embedding has {ours.shape[-1]} rows; the fused log-prob op normalises over every row, so rl: bnf / "
+            "asft would train on the wrong distribution"
+        )
     tol = 1e-3 if hidden.dtype == torch.float32 else 5e-2
     err = (ours - theirs).abs().max().item()
     if err > tol * (1.0 + theirs.abs().max().item()):

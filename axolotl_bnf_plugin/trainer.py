@@ -25,7 +25,7 @@ from .data.collator import ResponseBatchCollator, per_position, response_rows
 from .losses import asft_loss, batch_normalizer, bnf_loss, bnf_response_scale
 from .initial_policy import DisabledAdapter, eval_mode, live_reference  # noqa: F401 (DisabledAdapter: public)
 from .kernels import resolve_impl
-from .model_io import response_token_logps, unwrap
+from .model_io import response_token_logps, router_aux_coef, unwrap
 from .numerics import StepGuard, StepGuardCallback
 from .processes import launched_processes
 from .telemetry import DisplacementMonitor, PhaseMemory, method_card, preflight, shift_metrics
@@ -65,6 +65,10 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
     with its adapter disabled, or with a snapshot of its starting adapter); its log-probs of the same tokens come from the
     same fused op under `no_grad`, in eval mode. `normalizer` replaces the batch's own n
     (pairs + unpaired responses), e.g. by the n of a whole optimiser step.
+
+    A mixture-of-experts policy whose config sets `output_router_logits` also returns its router load-balancing
+    loss from this forward (never the reference's or any scoring pass's); `router_aux_loss_coef * aux_loss`
+    is added to the loss and `aux_loss` (unscaled) to the metrics. See `_add_router_aux`.
     """
     # The initial policy's log-probs: precomputed once (bnf_precompute_ref, or ASFT's shift metrics), or
     # BNF's live reference. The live reference is scored before the policy: when it is the policy itself with
@@ -80,8 +84,10 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
         mask = response_rows(batch)[0]
         scale = bnf_response_scale(mask, batch["sign"], batch["pair_ids"], settings.length_norm, normalizer)
         grad_rule, grad_inputs = BNF_GRAD_RULE, (start_token_logp, per_position(batch, scale))
-    logp, neg_entropy, _ = response_token_logps(model, batch, settings.chunk_size, check_head=check_head,
-                                                impl=settings.impl, grad_rule=grad_rule, grad_inputs=grad_inputs)
+    aux_coef = router_aux_coef(model)
+    logp, neg_entropy, _, *aux = response_token_logps(model, batch, settings.chunk_size, check_head=check_head,
+                                                      impl=settings.impl, grad_rule=grad_rule,
+                                                      grad_inputs=grad_inputs, router_aux=aux_coef is not None)
     mask, logp, neg_entropy = response_rows(batch, logp, neg_entropy)
     start_logp = response_rows(batch, start_token_logp)[1] if start_token_logp is not None else None
     if settings.method == "asft":
@@ -92,7 +98,29 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
                                  length_norm=settings.length_norm, normalizer=normalizer)
     if start_logp is not None:
         metrics.merge(shift_metrics(logp, start_logp, mask, batch["sign"]))
+    if aux_coef is not None:
+        loss = _add_router_aux(loss, metrics, aux[0], aux_coef, batch, normalizer)
     return loss, metrics
+
+
+def _add_router_aux(loss, metrics, aux_loss, coef: float, batch, normalizer):
+    """`loss + coef * aux_loss` for this micro-batch, and `aux_loss` (unscaled) in the metrics.
+
+    The aux loss is a function of the whole micro-batch's routing (as in TRL's DPO trainer, which adds it per
+    micro-batch). Where the method loss is normalised by the n of the whole optimiser step, the aux term is
+    weighted by the micro-batch's share of that n: over an optimiser step (and over processes, where the
+    trainer's loss scaling then applies alike) it adds `coef *` the n-weighted mean of the micro-batches' aux
+    losses, i.e. the mean for micro-batches of equal n, whatever the accumulation. It does not depend on the
+    label log-probs, so BNF's single-pass op still receives exactly its predicted upstream gradient.
+    The metric is averaged with the same weights (count = the micro-batch's n).
+    """
+    n_batch = batch_normalizer(batch["pair_ids"], batch["sign"].shape[0]).clamp(min=1)
+    aux_loss = aux_loss.to(loss.device)
+    weight = 1.0 if normalizer is None else n_batch.to(loss.device) / torch.as_tensor(
+        normalizer, dtype=torch.float32, device=loss.device)
+    metrics["aux_loss"] = aux_loss.detach()
+    metrics.counts["aux_loss"] = n_batch.detach()
+    return loss + (coef * weight) * aux_loss
 
 
 def _live_reference_token_logps(policy, batch, settings: LossSettings, reference) -> torch.Tensor:
@@ -183,9 +211,22 @@ class BNFTrainer(AxolotlTrainer):
         self.displacement = DisplacementMonitor(self.args.bnf_displacement_patience)
         self.phase_memory = PhaseMemory(self.args.device)
         self._preflight = self._preflight_bytes()
+        aux_coef = router_aux_coef(self.model)  # fails here, not at step 1, when the config lacks the coefficient
         if self.is_world_process_zero():
             LOG.info("\n%s\n%s", method_card(self.settings, self._reference_mode(), self._shift_metrics_on(),
                                                bool(self.args.sample_packing)), self._preflight_text())
+            self._log_router_aux(aux_coef)
+
+    def _log_router_aux(self, aux_coef: float | None) -> None:
+        if aux_coef is not None:
+            LOG.info("router load-balancing loss: on (output_router_logits), loss += %g * aux_loss of the policy's "
+                     "forward, logged as aux_loss", aux_coef)
+            return
+        config = unwrap(self.model).config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text_config, "output_router_logits", None) is False:
+            LOG.info("router load-balancing loss: off (this mixture-of-experts model's config leaves "
+                     "output_router_logits unset); `model_config: {output_router_logits: true}` trains it")
 
     # ----------------------------------------------------------------------------------- reference
     def _reference_mode(self) -> str:
