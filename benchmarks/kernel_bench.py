@@ -1,51 +1,82 @@
 """Forward + backward time and peak memory of the fused log-prob op against the usual alternatives.
 
     python benchmarks/kernel_bench.py                 # GPU: the full shape set in bf16; CPU: a reduced set
-    python benchmarks/kernel_bench.py --json out.json --shapes 4096x4096x128256
+    python benchmarks/kernel_bench.py --shapes 4096x4096x128256 --jsonl rows.jsonl --iters 5
+    python benchmarks/kernel_bench.py --table-from rows.jsonl   # the markdown table of rows already measured
 
-Compared, on the same `hidden [N, H]`, `weight [V, H]` and labels (10% of rows ignored, as prompt tokens):
-- `fused (ours)`: `axolotl_bnf_plugin.kernels.token_logprobs` (impl auto: Triton on CUDA, PyTorch on CPU);
-- `naive`: logits = hidden @ weight.T, log_softmax, gather (what TRL's DPO path does);
-- `liger flce`: Liger-Kernel's fused linear cross-entropy with reduction="none" (CUDA only);
-- `torch lce`: `torch.nn.functional.linear_cross_entropy(reduction="none")` with chunking options, when
-  the installed torch has it;
-- `bnf two-pass (ours)` / `bnf single-pass (ours)`: the whole BNF loss on top of the op (all rows one
-  response, a fixed reference), with the logits recomputed in backward, or with the gradient built in the
-  forward pass (`bnf_grad`, what BNF training uses). Their difference is the single pass's saving.
-Each computes per-row log-probs (or CE) and backpropagates a random upstream gradient into hidden and
-weight (the BNF rows backpropagate their loss). Time: median of `--iters` runs after a warm-up. Memory: on CUDA, peak allocated during one
-forward + backward minus what was allocated before (inputs and gradient buffers of the inputs excluded);
-on CPU, the peak growth of the resident set during one forward + backward (sampled by a thread,
-gradients of the inputs excluded), measured in a fresh process per (method, shape).
-TFLOP/s counts 6 * N * H * V (two matmuls forward-equivalent: 2NHV forward, 4NHV backward).
+Compared on the same `hidden [N, H]`, `weight [V, H]` and labels, every row scored (`--ignored-frac F`
+labels a fraction F of the rows ignore_index, as prompt tokens):
+- `two-pass op (ours)`: `axolotl_bnf_plugin.kernels.token_logprobs(hidden, weight, labels)` (impl auto:
+  Triton on CUDA, PyTorch on CPU) with a random upstream gradient on the log-probs: the logits are
+  computed in the forward and again in the backward;
+- `bnf single pass (ours)`: the BNF loss (all rows one response, a fixed reference) on the op with BNF's
+  gradient rule (`grad_rule=BNF_GRAD_RULE`): the gradient is built during the forward, one logits pass;
+- `bnf two-pass (ours)`: the same loss on the plain op. Its difference to the single pass is the saving;
+- `naive`: logits = hidden @ weight.T, fp32 log_softmax, gather (what TRL's DPO path does);
+- `liger flce`: Liger-Kernel's `LigerFusedLinearCrossEntropyLoss(reduction="none")`, with
+  `accum_dtype=torch.float32` where the installed version has that keyword (CUDA only);
+- `torch lce`: `torch.nn.functional.linear_cross_entropy(reduction="none")` with the chunked path
+  (`LinearCrossEntropyOptions()`), when the installed torch has it.
+Every method backpropagates into hidden and weight (a random upstream gradient per row, or its loss).
+
+Columns:
+- fwd+bwd ms: CUDA, the median over `--iters` steps after `--warmup` steps, each timed by CUDA events;
+  CPU, the median wall time.
+- extra peak MiB: CUDA, `max_memory_allocated` during one forward + backward minus what was allocated
+  before (the inputs), minus the input gradients it returns; CPU, the peak growth of the resident set
+  during one forward + backward (sampled by a thread, input gradients excluded), in a fresh process per
+  (method, shape).
+- flops: what the method executes, in units of N*H*V: 8 when the logits are computed in the forward and
+  again in the backward (the two-pass ops; `torch lce` with reduction="none"; Liger releases whose
+  reduction="none" path defers the gradient to the backward), 6 when the gradient is built in the
+  forward pass (the single pass; older Liger releases) or the logits are kept (naive).
+- TFLOP/s and "of bf16 peak": on that count, against the dense bf16 peak of the GPU (`--peak-tflops`).
+- TFLOP/s at 6NHV: the common model count (2NHV forward, 4NHV backward) for every method, so the
+  methods compare directly: it is proportional to 1 / time.
+N counts every row, scored or not.
+
+`--jsonl PATH` appends each row as one JSON object as soon as it is measured (a run that is stopped
+keeps the rows it finished); `--json PATH` writes the whole list at the end.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
+import importlib.metadata
+import importlib.util
+import inspect
 import json
 import multiprocessing as mp
 import os
+import queue as queue_module
 import resource
 import statistics
+import sys
 import time
+import traceback
 
 import torch
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) for the ratio column.
 BF16_PEAK = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+IGNORE_INDEX = -100
 
 
-def make_inputs(n, h, v, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(n, h, generator=g) / h**0.25).to(device, dtype)
-    weight = (torch.randn(v, h, generator=g) / h**0.25).to(device, dtype)
-    labels = torch.randint(0, v, (n,), generator=g)
-    labels[torch.rand(n, generator=g) < 0.1] = -100
-    upstream = torch.randn(n, generator=g).to(device)
-    return hidden, weight, labels.to(device), upstream
+def make_inputs(n, h, v, dtype, device, ignored_frac=0.0, seed=0):
+    """hidden, weight (logits of unit variance), labels (a fraction `ignored_frac` ignored) and a random
+    upstream gradient, generated on `device`."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g, device=device) / h**0.25).to(dtype)
+    weight = (torch.randn(v, h, generator=g, device=device) / h**0.25).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g, device=device)
+    if ignored_frac > 0:
+        labels[torch.rand(n, generator=g, device=device) < ignored_frac] = IGNORE_INDEX
+    upstream = torch.randn(n, generator=g, device=device)
+    return hidden, weight, labels, upstream
 
 
-def fused(hidden, weight, labels):
+def two_pass_op(hidden, weight, labels):
     from axolotl_bnf_plugin.kernels import token_logprobs
 
     return token_logprobs(hidden, weight, labels)[0]
@@ -54,13 +85,40 @@ def fused(hidden, weight, labels):
 def naive(hidden, weight, labels):
     logits = hidden @ weight.t()
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(1, labels.clamp(min=0)[:, None])[:, 0] * (labels != -100)
+    return logp.gather(1, labels.clamp(min=0)[:, None])[:, 0] * (labels != IGNORE_INDEX)
+
+
+def liger_version() -> str | None:
+    try:
+        return importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _liger_loss():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    options = {"reduction": "none"}
+    if "accum_dtype" in inspect.signature(LigerFusedLinearCrossEntropyLoss.__init__).parameters:
+        options["accum_dtype"] = torch.float32
+    return LigerFusedLinearCrossEntropyLoss(**options)
 
 
 def liger(hidden, weight, labels):
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    return -_liger_loss()(weight, hidden, labels)
 
-    return -LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden, labels)
+
+def liger_flops_factor() -> int:
+    """8 if the installed Liger recomputes the logits in backward for reduction="none" (the releases whose
+    forward takes the per-token upstream gradient as `token_grad_output`), else 6."""
+    try:
+        from liger_kernel.ops import fused_linear_cross_entropy as flce
+
+        params = inspect.signature(flce.fused_linear_cross_entropy_forward).parameters
+    except Exception:  # noqa: BLE001 - not installed or another layout: assume the older forward-gradient path
+        return 6
+    return 8 if "token_grad_output" in params else 6
 
 
 def torch_lce(hidden, weight, labels):
@@ -72,10 +130,18 @@ def _bnf(hidden, weight, labels, single_pass: bool):
     from axolotl_bnf_plugin.kernels import token_logprobs
     from axolotl_bnf_plugin.losses import bnf_loss, bnf_response_scale
 
-    mask, sign = (labels != -100)[None], torch.ones(1, dtype=torch.long, device=labels.device)
+    mask, sign = (labels != IGNORE_INDEX)[None], torch.ones(1, dtype=torch.long, device=labels.device)
     ref = torch.full(labels.shape, -8.0, device=labels.device)  # p_ref ~ 3e-4: a mix of clipped / unclipped q
-    scale = bnf_response_scale(mask, sign)[:, None].expand(mask.shape).reshape(-1)
-    logp, neg = token_logprobs(hidden, weight, labels, bnf_grad=(ref, scale) if single_pass else None)
+    if single_pass:
+        if "grad_rule" not in inspect.signature(token_logprobs).parameters:
+            raise RuntimeError("this checkout's token_logprobs has no grad_rule / grad_inputs keywords: the BNF "
+                               "single pass is measured through that API")
+        from axolotl_bnf_plugin.bnf_grad_rule import BNF_GRAD_RULE
+
+        scale = bnf_response_scale(mask, sign)[:, None].expand(mask.shape).reshape(-1)
+        logp, neg = token_logprobs(hidden, weight, labels, grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, scale))
+    else:
+        logp, neg = token_logprobs(hidden, weight, labels)
     return bnf_loss(logp[None], ref[None], neg[None], mask, sign)[0]
 
 
@@ -87,15 +153,26 @@ def bnf_single_pass(hidden, weight, labels):
     return _bnf(hidden, weight, labels, single_pass=True)
 
 
-METHODS = {"fused (ours)": fused, "naive": naive, "liger flce": liger, "torch lce": torch_lce,
-           "bnf two-pass (ours)": bnf_two_pass, "bnf single-pass (ours)": bnf_single_pass}
+METHODS = {"two-pass op (ours)": two_pass_op, "bnf single pass (ours)": bnf_single_pass,
+           "bnf two-pass (ours)": bnf_two_pass, "naive": naive, "liger flce": liger, "torch lce": torch_lce}
+
+
+def flops_factor(name: str, liger_factor: int | None = None) -> int | None:
+    """Flops the method executes, in units of N*H*V (see the module docstring); Liger's is `liger_factor`."""
+    if name == "liger flce":
+        return liger_factor
+    return 6 if name in ("bnf single pass (ours)", "naive") else 8
 
 
 def available(name: str, device: torch.device) -> str | None:
     """None if the method can run here, else why not."""
-    if name == "liger flce" and device.type != "cuda":
-        return "needs CUDA"
-    if name == "torch lce" and not hasattr(torch.nn.functional, "linear_cross_entropy"):
+    if name == "liger flce":
+        if device.type != "cuda":
+            return "needs CUDA"
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger-kernel not installed"
+    if name == "torch lce" and not (hasattr(torch.nn.functional, "linear_cross_entropy")
+                                    and hasattr(torch.nn, "LinearCrossEntropyOptions")):
         return "not in this torch"
     return None
 
@@ -108,31 +185,39 @@ def step(fn, hidden, weight, labels, upstream):
     return h.grad, w.grad
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def time_cuda(fn, inputs, iters, warmup) -> list[float]:
+    """Seconds of each of `iters` steps after `warmup` untimed ones (compilation, allocator, autotuning)."""
+    for _ in range(warmup):
+        step(fn, *inputs)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        step(fn, *inputs)
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
-def time_method(fn, inputs, device, iters):
-    step(fn, *inputs)  # warm-up (Triton compilation, allocator)
+def time_cpu(fn, inputs, iters, warmup) -> list[float]:
+    for _ in range(warmup):
+        step(fn, *inputs)
     times = []
     for _ in range(iters):
-        sync(device)
         start = time.perf_counter()
         step(fn, *inputs)
-        sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
-def cuda_peak(fn, inputs, device):
+def cuda_peak(fn, inputs, device) -> int:
+    gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     grads = step(fn, *inputs)
     torch.cuda.synchronize()
-    grad_bytes = sum(g.numel() * g.element_size() for g in grads)
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
     return torch.cuda.max_memory_allocated(device) - before - grad_bytes
 
 
@@ -141,12 +226,12 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _cpu_peak_worker(name, n, h, v, dtype_name, queue):
+def _cpu_peak_worker(name, n, h, v, dtype_name, ignored_frac, queue):
     """Peak growth of the resident set during one forward + backward, sampled every 0.5 ms by a thread
     (the process's high-water mark is useless here: importing torch already set it higher)."""
     import threading
 
-    inputs = make_inputs(n, h, v, getattr(torch, dtype_name), torch.device("cpu"))
+    inputs = make_inputs(n, h, v, getattr(torch, dtype_name), torch.device("cpu"), ignored_frac)
     step(METHODS[name], *inputs)  # warm-up: allocator pools, lazy imports
     grad_bytes = sum(t.numel() * t.element_size() for t in inputs[:2])
     peak, done = [0], threading.Event()
@@ -166,72 +251,195 @@ def _cpu_peak_worker(name, n, h, v, dtype_name, queue):
     del grads
 
 
-def cpu_peak(name, n, h, v, dtype):
+def cpu_peak(name, n, h, v, dtype, ignored_frac) -> int:
     # In the measuring process glibc serves every allocation of 64 KiB or more with mmap and returns it
     # on free, so the resident set follows live tensor memory instead of heap reuse.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_cpu_peak_worker, args=(name, n, h, v, str(dtype).split(".")[-1], queue))
+    proc = ctx.Process(target=_cpu_peak_worker,
+                       args=(name, n, h, v, str(dtype).split(".")[-1], ignored_frac, queue))
     proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    try:
+        while True:
+            try:
+                return queue.get(timeout=1.0)
+            except queue_module.Empty:
+                if not proc.is_alive() and queue.empty():
+                    raise RuntimeError(f"the memory-measuring process for {name!r} exited with code {proc.exitcode}")
+    finally:
+        proc.join()
 
 
-def main() -> None:
+def measure(name, inputs, device, dtype, iters, warmup, ignored_frac) -> dict:
+    """The timing and memory fields of one row."""
+    fn = METHODS[name]
+    n, h = inputs[0].shape
+    v = inputs[1].shape[0]
+    if device.type == "cuda":
+        times = time_cuda(fn, inputs, iters, warmup)
+        mem = cuda_peak(fn, inputs, device)
+    else:
+        times = time_cpu(fn, inputs, iters, warmup)
+        mem = cpu_peak(name, n, h, v, dtype, ignored_frac)
+    return {"ms": statistics.median(times) * 1e3, "times_ms": [t * 1e3 for t in times], "peak_mib": mem / 2**20}
+
+
+def add_rates(row: dict, peak: float | None) -> dict:
+    nhv = row["N"] * row["H"] * row["V"]
+    factor = row["flops_factor"]
+    seconds = row["ms"] / 1e3
+    row["tflops"] = factor * nhv / seconds / 1e12
+    row["tflops_6nhv"] = 6 * nhv / seconds / 1e12
+    row["peak_ratio"] = row["tflops"] / peak if peak else None
+    return row
+
+
+TABLE_HEADER = ("| N | H | V | method | fwd+bwd ms | extra peak MiB | flops | TFLOP/s | of bf16 peak "
+                "| TFLOP/s at 6NHV |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_line(r: dict) -> str:
+    head = f"| {r['N']} | {r['H']} | {r['V']} | {r['method']} |"
+    if "ms" not in r:
+        return f"{head} n/a ({r.get('skipped') or r.get('error')}) | | | | | |"
+    ratio = f"{100 * r['peak_ratio']:.0f}%" if r.get("peak_ratio") else "n/a"
+    return (f"{head} {r['ms']:.1f} | {r['peak_mib']:.0f} | {r['flops_factor']}NHV | {r['tflops']:.2f} | {ratio} | "
+            f"{r['tflops_6nhv']:.2f} |")
+
+
+def caption(rows: list[dict]) -> str:
+    """One line saying how the rows were measured (from the first row's fields)."""
+    if not rows:
+        return "No rows measured."
+    r = rows[0]
+    liger = f", liger-kernel {r['liger']}" if r.get("liger") else ""
+    peak = f"; of bf16 peak: against {r['peak_tflops']:.0f} TFLOP/s dense" if r.get("peak_tflops") else ""
+    scored = ("every row scored" if not r.get("ignored_frac")
+              else f"{100 * r['ignored_frac']:.0f}% of rows ignored (N counts them)")
+    memory = ("max_memory_allocated during one step minus the inputs and input gradients"
+              if r.get("device_type") == "cuda" else "resident-set growth during one step, input gradients excluded")
+    return (f"Kernel benchmark, {r['device']}, {r['dtype']}, torch {r['torch']}{liger}: forward + backward into "
+            f"hidden and weight, median of {r['iters']} steps after {r['warmup']} warm-up; {scored}; extra peak = "
+            f"{memory}; TFLOP/s on the flops each method executes{peak}; TFLOP/s at 6NHV on the common count.")
+
+
+def markdown(rows: list[dict]) -> str:
+    return "\n".join([caption(rows), "", TABLE_HEADER, *(table_line(r) for r in rows)]) + "\n"
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows from a JSON list or JSON lines (a partly written last line is dropped)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    rows = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"skipping an unreadable line of {path}: {line[:80]!r}", file=sys.stderr)
+    return rows
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=None, help="NxHxV, e.g. 16384x4096x151936")
-    parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--json", type=str, default=None)
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
-    args = parser.parse_args()
+    parser.add_argument("--iters", type=int, default=None, help="timed steps (default: 10 on CUDA, 2 on CPU)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    parser.add_argument("--json", type=str, default=None, help="write all rows as a JSON list at the end")
+    parser.add_argument("--jsonl", type=str, default=None, help="append each row as a JSON line when measured")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                        help=f"any of: {', '.join(METHODS)}")
+    parser.add_argument("--ignored-frac", type=float, default=0.0, help="fraction of rows labelled ignore_index")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: by GPU name)")
+    parser.add_argument("--table-from", type=str, default=None, metavar="JSON",
+                        help="print the markdown table of rows in a --json / --jsonl file and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.table_from:
+        print(markdown(read_rows(args.table_from)), end="")
+        return 0
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         dtype, iters = torch.bfloat16, args.iters or 10
         shapes = args.shapes or [f"{n}x4096x{v}" for v in (128256, 151936) for n in (4096, 16384, 32768)]
         gpu = torch.cuda.get_device_name(device)
-        peak = next((p for k, p in BF16_PEAK.items() if k in gpu), None)
+        peak = args.peak_tflops or next((p for k, p in BF16_PEAK.items() if k in gpu), None)
     else:
         dtype, iters = torch.float32, args.iters or 2
         shapes = args.shapes or ["512x256x32000", "2048x256x32000", "2048x256x128256"]
         gpu, peak = "CPU", None
-    print(f"device: {gpu}; dtype: {str(dtype).split('.')[-1]}; torch {torch.__version__}; iters {iters}")
-    rows = []
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = {"device": gpu, "device_type": device.type, "dtype": str(dtype).split(".")[-1], "torch": torch.__version__,
+            "triton": triton_version, "liger": liger_version(), "iters": iters, "warmup": args.warmup,
+            "ignored_frac": args.ignored_frac, "peak_tflops": peak}
+    liger_factor, liger_note = None, ""
+    if "liger flce" in args.methods and available("liger flce", device) is None:
+        liger_factor = liger_flops_factor()
+        how = "logits recomputed in backward" if liger_factor == 8 else "gradient built in forward"
+        liger_note = f"; liger-kernel {meta['liger']} (reduction='none' counted as {liger_factor}NHV: {how})"
+    print(f"device: {gpu}; dtype: {meta['dtype']}; torch {torch.__version__}; triton {triton_version}{liger_note}; "
+          f"iters {iters} after {args.warmup} warm-up; ignored rows {args.ignored_frac:g}; "
+          f"bf16 peak {peak or 'n/a'} TFLOP/s", flush=True)
+
+    rows, failures = [], 0
     for shape in shapes:
         n, h, v = (int(x) for x in shape.split("x"))
-        inputs = make_inputs(n, h, v, dtype, device)
+        inputs = make_inputs(n, h, v, dtype, device, args.ignored_frac)
         for name in args.methods:
+            row = {"N": n, "H": h, "V": v, "method": name, "flops_factor": flops_factor(name, liger_factor), **meta}
             why_not = available(name, device)
-            row = {"N": n, "H": h, "V": v, "method": name, "device": gpu}
             if why_not:
-                rows.append({**row, "skipped": why_not})
-                continue
-            try:
-                seconds = time_method(METHODS[name], inputs, device, iters)
-                mem = cuda_peak(METHODS[name], inputs, device) if device.type == "cuda" else cpu_peak(name, n, h, v, dtype)
-            except torch.OutOfMemoryError:
-                rows.append({**row, "skipped": "out of memory"})
-                torch.cuda.empty_cache()
-                continue
-            tflops = 6 * n * h * v / seconds / 1e12
-            rows.append({**row, "ms": seconds * 1e3, "peak_mib": mem / 2**20, "tflops": tflops,
-                         "peak_ratio": tflops / peak if peak else None})
+                row["skipped"] = why_not
+            else:
+                try:
+                    row.update(measure(name, inputs, device, dtype, iters, args.warmup, args.ignored_frac))
+                    add_rates(row, peak)
+                except torch.OutOfMemoryError:
+                    row["skipped"] = "out of memory"
+                except Exception as exc:  # noqa: BLE001 - one broken method must not cost the other rows
+                    traceback.print_exc()
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                    failures += 1
+                finally:
+                    if device.type == "cuda":
+                        gc.collect()
+                        torch.cuda.empty_cache()
+            rows.append(row)
+            if args.jsonl:
+                append_jsonl(args.jsonl, row)
+            print(table_line(row), flush=True)
         del inputs
-    print(f"\n| N | H | V | method | fwd+bwd ms | extra peak MiB | TFLOP/s | of bf16 peak |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "skipped" in r:
-            print(f"| {r['N']} | {r['H']} | {r['V']} | {r['method']} | n/a ({r['skipped']}) | | | |")
-        else:
-            ratio = f"{100 * r['peak_ratio']:.0f}%" if r["peak_ratio"] else "n/a"
-            print(f"| {r['N']} | {r['H']} | {r['V']} | {r['method']} | {r['ms']:.1f} | {r['peak_mib']:.0f} | "
-                  f"{r['tflops']:.2f} | {ratio} |")
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print("\n" + markdown(rows), end="", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)
+    if failures:
+        print(f"{failures} row(s) failed (see the tracebacks above)", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
