@@ -110,6 +110,35 @@ def _check_raw_config(cfg: dict, method: str) -> None:
     _check_parallelism(cfg, method)
     if _zero_stage(cfg.get("deepspeed")) == 3:
         _check_zero3(cfg, method)
+    _check_model_head(cfg, method)
+
+
+def _check_model_head(cfg: dict, method: str) -> None:
+    """Refuse, before anything is loaded, a base model whose logits go through a transform the fused op does not
+    apply (see `model_io.unsupported_head_reason`), read from its config as Axolotl will read it. A config
+    that cannot be read here is left to Axolotl, which reports it a moment later."""
+    name = cfg.get("base_model_config") or cfg.get("base_model")
+    if not name:
+        return
+    revision = cfg.get("revision_of_model") or cfg.get("model_revision")
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(name), trust_remote_code=cfg.get("trust_remote_code") is True,
+                                            **({"revision": revision} if revision else {}))
+        overrides = cfg.get("overrides_of_model_config") or cfg.get("model_config")
+        for key, value in (overrides.items() if isinstance(overrides, dict) else ()):
+            setattr(config, key, value)
+    except Exception:  # noqa: BLE001
+        return
+    from .model_io import unsupported_head_reason
+
+    reason = unsupported_head_reason(config)
+    if reason is not None:
+        raise PluginConfigError(
+            f"rl: {method} cannot train base_model {name!r}, a {getattr(config, 'model_type', '?')!r} model: "
+            f"{reason}, so its per-token log-probs would not be the model's own"
+        )
 
 
 def _check_zero3(cfg: dict, method: str) -> None:

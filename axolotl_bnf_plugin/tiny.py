@@ -76,6 +76,107 @@ def build_tokenizer(rows: list[dict[str, str]], vocab_size: int = 640):
     return fast
 
 
+# Tokenizers carrying the special tokens of the families behind Axolotl's chat templates (the keys are
+# Axolotl's `chat_template:` names), built locally for tests of chat rendering. `kind` is "bytelevel"
+# (GPT-2 / tiktoken style BPE) or "sentencepiece" (BPE with a Metaspace pre-tokenizer: spaces become
+# "▁", with the leading "▁" of Llama 2 / Mistral v1 unless `prefix_space` is False, as in Gemma).
+# `add_bos`: plain tokenization (`add_special_tokens=True`) puts BOS first, as those families' tokenizers do.
+_CHAT_FAMILY_BASE = {
+    "llama3": dict(bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|finetune_right_pad_id|>", add_bos=True,
+                   specials=["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+                             "<|python_tag|>"]),
+    "llama4": dict(bos="<|begin_of_text|>", eos="<|eot|>", pad="<|finetune_right_pad|>", add_bos=True,
+                   specials=["<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eom|>",
+                             "<|python_start|>", "<|python_end|>"]),
+    "qwen_25": dict(bos=None, eos="<|im_end|>", pad="<|endoftext|>", specials=["<|im_start|>"],
+                    tokens=["<tool_call>", "</tool_call>"]),
+    "qwen3": dict(bos=None, eos="<|im_end|>", pad="<|endoftext|>", specials=["<|im_start|>"],
+                  tokens=["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]),
+    "chatml": dict(bos="<s>", eos="<|im_end|>", pad="<pad>", add_bos=True, specials=["<|im_start|>"]),
+    "gemma": dict(bos="<bos>", eos="<eos>", pad="<pad>", add_bos=True, kind="sentencepiece", prefix_space=False,
+                  specials=["<start_of_turn>", "<end_of_turn>"]),
+    "gemma3": dict(bos="<bos>", eos="<eos>", pad="<pad>", add_bos=True, kind="sentencepiece", prefix_space=False,
+                   specials=["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>"]),
+    "gemma4": dict(bos="<bos>", eos="<eos>", pad="<pad>", add_bos=True, kind="sentencepiece", prefix_space=False,
+                   specials=["<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>", "<|image|>"]),
+    "mistral_v1": dict(bos="<s>", eos="</s>", add_bos=True, kind="sentencepiece"),
+    "mistral_v2v3": dict(bos="<s>", eos="</s>", add_bos=True, kind="sentencepiece",
+                         specials=["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+                                   "[/TOOL_RESULTS]", "[TOOL_CALLS]"]),
+    "mistral_v3_tekken": dict(bos="<s>", eos="</s>", add_bos=True,
+                              specials=["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                                        "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]"]),
+    "mistral_v7_tekken": dict(bos="<s>", eos="</s>", add_bos=True,
+                              specials=["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[AVAILABLE_TOOLS]",
+                                        "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]",
+                                        "[IMG]"]),
+    "phi_3": dict(bos="<s>", eos="<|endoftext|>", add_bos=True, kind="sentencepiece",
+                  specials=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]),
+    "phi_35": dict(bos="<s>", eos="<|endoftext|>", kind="sentencepiece",
+                   specials=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]),
+    "phi_4": dict(bos="<|endoftext|>", eos="<|im_end|>", pad="<|dummy_85|>", specials=["<|im_start|>", "<|im_sep|>"]),
+    "command_a": dict(bos="<BOS_TOKEN>", eos="<|END_OF_TURN_TOKEN|>", pad="<PAD>", add_bos=True,
+                      specials=["<|START_OF_TURN_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
+                                "<|START_RESPONSE|>", "<|END_RESPONSE|>", "<|START_THINKING|>", "<|END_THINKING|>",
+                                "<|START_ACTION|>", "<|END_ACTION|>", "<|START_TOOL_RESULT|>", "<|END_TOOL_RESULT|>"]),
+    "cohere": dict(bos="<BOS_TOKEN>", eos="<|END_OF_TURN_TOKEN|>", pad="<PAD>", add_bos=True,
+                   specials=["<|START_OF_TURN_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>"]),
+    "deepseek_v3": dict(bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>", pad="<｜▁pad▁｜>", add_bos=True,
+                        specials=["<｜User｜>", "<｜Assistant｜>", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>",
+                                  "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>",
+                                  "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
+                                  "<｜tool▁output▁end｜>"],
+                        tokens=["<think>", "</think>"]),
+    "llava": dict(bos="<s>", eos="</s>", add_bos=True, kind="sentencepiece", specials=["<image>"]),
+}
+CHAT_TOKENIZER_SPECS = {name: {"kind": "bytelevel", "prefix_space": True, "add_bos": False, "pad": None,
+                               "specials": [], "tokens": [], **spec} for name, spec in _CHAT_FAMILY_BASE.items()}
+_CHAT_CORPUS_ALPHABET = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
+
+
+def build_chat_tokenizer(family: str, corpus: list[str] | None = None, vocab_size: int = 800, **spec_overrides):
+    """A small tokenizer with the special tokens of `family` (a key of `CHAT_TOKENIZER_SPECS`), trained on
+    `corpus` (default: the toy data set's text) and carrying Axolotl's template of that name, if it has one.
+
+    SentencePiece-style tokenizers are trained without splitting at spaces, so their pieces may span
+    a space or a newline, as a prompt/completion boundary can."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    spec = {**CHAT_TOKENIZER_SPECS[family], **spec_overrides}
+    bos, eos, pad, unk = spec["bos"], spec["eos"], spec["pad"], "<unk>"
+    specials = list(dict.fromkeys(t for t in [pad or "<pad>", bos, eos, unk, *spec["specials"]] if t))
+    texts = list(corpus) if corpus is not None else _corpus(toy_pairs(32))
+    if spec["kind"] == "sentencepiece":
+        scheme = "first" if spec["prefix_space"] else "never"
+        tok = Tokenizer(models.BPE(unk_token=unk))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+        alphabet = _CHAT_CORPUS_ALPHABET + ["▁"]
+    else:
+        tok = Tokenizer(models.BPE(unk_token=unk))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=alphabet)
+    tok.train_from_iterator(texts, trainer=trainer)
+    if spec["add_bos"] and bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad or "<pad>",
+                                   unk_token=unk, additional_special_tokens=list(spec["specials"]))
+    if spec["tokens"]:
+        fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec["tokens"]])
+    try:
+        from axolotl.utils.chat_templates import get_chat_template
+
+        fast.chat_template = get_chat_template(family)
+    except (ImportError, ValueError):
+        fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
 def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 64, layers: int = 2, tie: bool = False):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -95,6 +196,81 @@ def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 64, layers: i
         pad_token_id=0,
     )
     return LlamaForCausalLM(config)
+
+
+# Tiny random models of other causal-LM families, on the same tokenizer (ids 0 / 1 / 3 = pad / bos / eos).
+# Each entry: (config class, model class, the family's own keys). Soft-capped, scaled and tied heads use
+# values far enough from the identity that scoring without them would give other log-probs.
+FAMILY_SPECS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {"head_dim": 8, "query_pre_attn_scalar": 8, "final_logit_softcapping": 2.0, "tie_word_embeddings": True}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               {"head_dim": 8, "query_pre_attn_scalar": 8, "final_logit_softcapping": 2.0, "sliding_window": 16,
+                "tie_word_embeddings": True}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25, "tie_word_embeddings": True}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM",
+                {"logits_scaling": 4.0, "embedding_multiplier": 4.0, "residual_multiplier": 0.5,
+                 "attention_multiplier": 0.125}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "norm_topk_prob": True}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+}
+
+
+def family_config(family: str, vocab_size: int, hidden_size: int = 32, layers: int = 2, **overrides):
+    """A transformers config for a tiny model of `family` (a key of `FAMILY_SPECS`)."""
+    import transformers
+
+    config_name, _, own = FAMILY_SPECS[family]
+    keys = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=3,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    keys.update(own)
+    keys.update(overrides)
+    keys = {k: v for k, v in keys.items() if not (k == "num_key_value_heads" and v is None)}
+    return getattr(transformers, config_name)(**keys)
+
+
+def build_family_model(family: str, vocab_size: int, seed: int = 0, **config_overrides):
+    """A randomly initialised tiny causal LM of `family`; `config_overrides` go to `family_config`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, FAMILY_SPECS[family][1])(family_config(family, vocab_size, **config_overrides))
+    return model.float()
+
+
+def save_family_model(family: str, tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0,
+                      **config_overrides) -> Path:
+    """`build_family_model` saved with `save_pretrained` to `out_dir`, with the tokenizer of `tokenizer_dir`
+    (a `build_assets` model directory), ready to be an Axolotl `base_model`."""
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    build_family_model(family, len(tokenizer), seed=seed, **config_overrides).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def build_assets(out_dir: str | Path, n_rows: int = 64, seed: int = 0, tie: bool = False) -> Path:

@@ -51,7 +51,7 @@ from .tokenize import LengthPolicy
 LOG = get_logger(__name__)
 
 # Bumped whenever the prepared layout or tokenization changes, so stale caches are never reused.
-PREPARED_FORMAT = "bnf-examples-v4"
+PREPARED_FORMAT = "bnf-examples-v5"
 SOURCE_ROW = "bnf_source_row"  # where a row came from, for the report (dropped before training)
 EXAMPLE_FEATURES = Features(
     {

@@ -1,15 +1,56 @@
-"""Prompt + completion text -> token ids with an exact prompt/completion boundary.
+"""Prompt + completion -> token ids with an exact prompt/completion boundary.
 
-The completion is scored on the tokens the full text tokenizes to: the prompt and the prompt followed by
-the completion are tokenized, and when the first is a prefix of the second (the normal case) the
-boundary sits right there, so the completion's first token is what the whole conversation produces.
-When a tokenizer merges across the boundary, the two parts are tokenized separately and concatenated
-(what TRL does), so no prompt token is ever scored. The tokenizer's BOS is added once (not when the
-prompt text already starts with it), and EOS closes every completion exactly once.
+Text rows (`tokenize_response`): the prompt and the prompt followed by the completion are tokenized, and
+when the first is a prefix of the second (the normal case) the boundary sits right there, so the
+completion's first token is what the whole text produces. When a tokenizer merges across the boundary,
+the two parts are tokenized separately and concatenated (what TRL does), so no prompt token is ever
+scored. The tokenizer's BOS is added once (not when the prompt text already starts with it), and EOS
+closes every completion exactly once.
+
+Chat rows (`render_final_turn` + `tokenize_chat_turn`): the training sequence is the chat template's own
+rendering of the whole conversation, tokenized as one text, and the completion is the final assistant
+turn with the template's end of turn:
+
+- the prompt is the template's generation prompt for the turns before the final one
+  (`add_generation_prompt=True`), which the whole rendering must start with. What the template does to
+  earlier turns (Qwen3 drops the `<think>` blocks of earlier assistant turns; Qwen2.5, Phi-4,
+  Mistral Small 3 and Command A insert their default system prompt) is therefore in both, as the
+  template writes it for generation.
+- When the final turn opens differently from the generation prompt (Qwen3 writes the turn's own
+  `<think>` block where the generation prompt opens an empty one; Gemma 4's generation prompt adds an
+  empty thought channel), the prompt ends where the two renderings part, and never inside the message's
+  own text (renderings of the turn with a one-character stand-in content bound it), provided every
+  earlier turn is rendered identically. A template that renders earlier turns differently once the final
+  turn is there (Mistral v2/v3 and Pixtral put the system message into the last user turn only while
+  that turn is the last message, so a whole conversation renders without it) gives no boundary that
+  keeps all of the final turn and nothing else in the completion: such rows are dropped as
+  "template not prefix-stable".
+- The completion ends at the template's end of turn: at the tokenizer's EOS if the turn contains one
+  (what follows it is dropped, e.g. the opener of a next turn Command A writes after every
+  conversation), else after the template's closing text with trailing whitespace dropped (Gemma's
+  `<end_of_turn>`, Llama 3's `<|eot_id|>`, Phi-3's `<|end|>`). Only a template that writes nothing after
+  the message content gets the tokenizer's EOS appended.
+- Prompt and whole text are tokenized with the same settings: no special tokens added when the rendering
+  starts with BOS (the template wrote it), else what the tokenizer adds by itself; so BOS appears once.
+  The sequence is always the whole text's tokens. If a token of the whole text straddles the boundary
+  (a piece spanning the end of the prompt and the start of the turn), the prompt ends before that
+  token: the prompt is the longest run of leading tokens shared with the prompt's own tokenization, and
+  the straddling token is scored with the completion. So no text of the final turn is ever in the
+  prompt, and no token sequence other than the whole conversation's is ever trained on; the price is
+  that the straddling token may carry the prompt's last characters (with the usual byte-level and
+  SentencePiece vocabularies, whose pieces do not span a space inside, a whitespace run at most).
+
+A chat template that raises for a row (Gemma: "System role not supported") drops that row with the
+template's message as the reason.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
+from .adapters import Skip
 
 
 @dataclass
@@ -80,3 +121,89 @@ def fit_length(resp: TokenizedResponse, policy: LengthPolicy, num_responses: int
     if policy.strategy == "truncate" and resp.prompt_len < budget:
         return TokenizedResponse(resp.input_ids[:budget], resp.prompt_len), "truncated"
     return None, "too long"
+
+
+# --------------------------------------------------------------------------------------------- chat rows
+@dataclass
+class ChatTurnText:
+    """One response of a chat row as text: the prompt, the final turn as the template renders it, and
+    whether the tokenizer's EOS must close it (only when the template writes nothing after the content)."""
+
+    prompt: str
+    completion: str
+    append_eos: bool
+
+
+def _common_prefix_len(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _content_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def render_final_turn(tokenizer, chat_template: str, history: list[dict], message: dict) -> ChatTurnText:
+    """Split the template's rendering of `history + [message]` into prompt and final turn (module doc).
+
+    Raises `Skip` for a row the template refuses or that has no clean boundary."""
+
+    def apply(messages: list[dict], generation: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                             chat_template=chat_template)
+
+    try:
+        whole = apply(history + [message], False)
+        generation_prompt = apply(history, True)
+        if whole.startswith(generation_prompt):
+            boundary = len(generation_prompt)
+        else:
+            # The final turn opens differently from the generation prompt: cut where they part, but never
+            # inside the message's own text (the renderings with a one-character stand-in content part
+            # there at the latest), and only after every earlier turn (rendered without a generation
+            # prompt) is complete.
+            boundary = _common_prefix_len(generation_prompt, whole)
+            for stand_in in ("\x01", "\x02"):
+                alt = apply(history + [{**message, "content": stand_in}], False)
+                boundary = min(boundary, _common_prefix_len(alt, whole))
+            earlier = apply(history, False) if history else ""
+            if not (whole.startswith(earlier) and boundary >= len(earlier)):
+                raise Skip("template not prefix-stable")
+    except TemplateSyntaxError:
+        raise
+    except TemplateError as err:
+        raise Skip(f"chat template: {err.message or type(err).__name__}") from None
+    completion = whole[boundary:]
+    eos = tokenizer.eos_token
+    if eos and eos in completion:
+        return ChatTurnText(whole[:boundary], completion[: completion.rindex(eos) + len(eos)], False)
+    completion = completion.rstrip()
+    content = _content_text(message).strip()
+    return ChatTurnText(whole[:boundary], completion, bool(content) and completion.endswith(content))
+
+
+def tokenize_chat_turn(tokenizer, turn: ChatTurnText) -> TokenizedResponse:
+    """Token ids of the whole text `turn.prompt + turn.completion` and where the completion starts."""
+    text = turn.prompt + turn.completion
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    add_special = not (bos and text.startswith(bos))
+    ids = _encode(tokenizer, text, add_special)
+    prompt_ids = _encode(tokenizer, turn.prompt, add_special)
+    eos_id = tokenizer.eos_token_id
+    if eos_id is not None:  # an EOS the tokenizer appended by itself is not part of the text
+        if ids and ids[-1] == eos_id and not text.endswith(eos or "\0"):
+            ids = ids[:-1]
+        if prompt_ids and prompt_ids[-1] == eos_id and not turn.prompt.endswith(eos or "\0"):
+            prompt_ids = prompt_ids[:-1]
+    prompt_len = _common_prefix_len(prompt_ids, ids)
+    if turn.append_eos and eos_id is not None:
+        ids = ids + [eos_id]
+    return TokenizedResponse(ids, prompt_len)
