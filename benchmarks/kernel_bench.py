@@ -76,10 +76,19 @@ def make_inputs(n, h, v, dtype, device, ignored_frac=0.0, seed=0):
     return hidden, weight, labels, upstream
 
 
+CHUNK_ENV = "KERNEL_BENCH_CHUNK_SIZE"  # --chunk-size, read through the environment by spawned workers too
+
+
+def _chunk_size() -> int | None:
+    """Rows per logits block of our methods: --chunk-size, or None for the op's default."""
+    value = os.environ.get(CHUNK_ENV)
+    return int(value) if value else None
+
+
 def two_pass_op(hidden, weight, labels):
     from axolotl_bnf_plugin.kernels import token_logprobs
 
-    return token_logprobs(hidden, weight, labels)[0]
+    return token_logprobs(hidden, weight, labels, chunk_size=_chunk_size())[0]
 
 
 def naive(hidden, weight, labels):
@@ -139,9 +148,10 @@ def _bnf(hidden, weight, labels, single_pass: bool):
         from axolotl_bnf_plugin.bnf_grad_rule import BNF_GRAD_RULE
 
         scale = bnf_response_scale(mask, sign)[:, None].expand(mask.shape).reshape(-1)
-        logp, neg = token_logprobs(hidden, weight, labels, grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, scale))
+        logp, neg = token_logprobs(hidden, weight, labels, chunk_size=_chunk_size(), grad_rule=BNF_GRAD_RULE,
+                                   grad_inputs=(ref, scale))
     else:
-        logp, neg = token_logprobs(hidden, weight, labels)
+        logp, neg = token_logprobs(hidden, weight, labels, chunk_size=_chunk_size())
     return bnf_loss(logp[None], ref[None], neg[None], mask, sign)[0]
 
 
@@ -360,6 +370,8 @@ def parse_args(argv=None):
     parser.add_argument("--jsonl", type=str, default=None, help="append each row as a JSON line when measured")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                         help=f"any of: {', '.join(METHODS)}")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="rows per logits block of our methods (default: the op's own, from its 256 MiB workspace)")
     parser.add_argument("--ignored-frac", type=float, default=0.0, help="fraction of rows labelled ignore_index")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: by GPU name)")
     parser.add_argument("--table-from", type=str, default=None, metavar="JSON",
@@ -373,6 +385,8 @@ def main(argv=None) -> int:
         print(markdown(read_rows(args.table_from)), end="")
         return 0
 
+    if args.chunk_size:
+        os.environ[CHUNK_ENV] = str(args.chunk_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         dtype, iters = torch.bfloat16, args.iters or 10
@@ -391,7 +405,7 @@ def main(argv=None) -> int:
         triton_version = None
     meta = {"device": gpu, "device_type": device.type, "dtype": str(dtype).split(".")[-1], "torch": torch.__version__,
             "triton": triton_version, "liger": liger_version(), "iters": iters, "warmup": args.warmup,
-            "ignored_frac": args.ignored_frac, "peak_tflops": peak}
+            "ignored_frac": args.ignored_frac, "peak_tflops": peak, "chunk_size": args.chunk_size}
     liger_factor, liger_note = None, ""
     if "liger flce" in args.methods and available("liger flce", device) is None:
         liger_factor = liger_flops_factor()
