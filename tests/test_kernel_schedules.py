@@ -153,3 +153,17 @@ def test_kernel_layer_imports_no_loss():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_fp32_slices_cover_the_whole_accumulator(monkeypatch):
+    """The fallback for a torch whose CUDA addmm cannot accumulate half inputs into fp32: row slices of the
+    accumulator (the last one short) sum to the whole product. (`mm(out_dtype=)` is CUDA-only; emulated.)"""
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda x, y, out_dtype=None: real_mm(x.float(), y.float()).to(out_dtype))
+    monkeypatch.setattr(chunked, "SLICE_BYTES", 3 * 5 * 4)  # 3 rows of 5 fp32 per slice
+    g = torch.Generator().manual_seed(10)
+    acc = torch.randn(11, 5, generator=g)
+    a, b = torch.randn(11, 7, generator=g).half(), torch.randn(7, 5, generator=g).half()
+    want = acc + a.float() @ b.float()
+    chunked._add_product_in_slices(acc, a, b)
+    torch.testing.assert_close(acc, want)

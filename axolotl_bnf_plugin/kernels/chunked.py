@@ -20,6 +20,7 @@ no tracing of the chunk loop) and runs no host synchronisation: the row count is
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Optional
 
 import torch
@@ -28,6 +29,7 @@ from .logit_transform import LogitTransform
 from .schedule import vocab_slice_cols
 
 IMPLS = ("torch", "triton")
+LOG = logging.getLogger(__name__)
 
 
 def row_ops(impl: str):
@@ -37,17 +39,43 @@ def row_ops(impl: str):
     return importlib.import_module(f"{__package__}.{impl}_rows")
 
 
+# Whether this torch's CUDA `addmm` accepts an fp32 accumulator with half inputs (`out_dtype`); None until
+# the first try. Where it does not, the product goes through `_add_product_in_slices`.
+_FP32_ADDMM = {"ok": None}
+SLICE_BYTES = 64 * 1024 * 1024
+
+
+def _add_product_in_slices(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b through fp32 products of at most SLICE_BYTES (acc's rows in slices): bounded memory
+    where the accumulating GEMM is not available."""
+    rows = max(1, SLICE_BYTES // (acc.shape[1] * 4))
+    for start in range(0, acc.shape[0], rows):
+        acc[start:start + rows] += torch.mm(a[start:start + rows], b, out_dtype=torch.float32)
+
+
 def add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, `acc` fp32, in place and without a temporary of acc's size.
 
-    CUDA: one cuBLAS GEMM reads and writes the fp32 accumulator from half inputs (`out_dtype`). CPU with
-    half inputs (which has no such GEMM): through fp32 copies of `a` (a logits block) and `b` (`h_c` or a
-    weight slice), which the schedule charges (`schedule.bytes_per_logit`, `vocab_slice_cols`).
+    CUDA: one cuBLAS GEMM reads and writes the fp32 accumulator from half inputs (`out_dtype`; a torch
+    without it falls back to bounded fp32 slices, logged once). CPU with half inputs (which has no such
+    GEMM): through fp32 copies of `a` (a logits block) and `b` (`h_c` or a weight slice), which the
+    schedule charges (`schedule.bytes_per_logit`, `vocab_slice_cols`).
     """
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
     elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        if _FP32_ADDMM["ok"] is not False:
+            try:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                _FP32_ADDMM["ok"] = True
+                return
+            except RuntimeError as exc:
+                if _FP32_ADDMM["ok"]:
+                    raise
+                _FP32_ADDMM["ok"] = False
+                LOG.warning("torch %s cannot accumulate a half-precision product into fp32 in one GEMM (%s); "
+                            "using fp32 slices of %d MiB instead", torch.__version__, exc, SLICE_BYTES // 2**20)
+        _add_product_in_slices(acc, a, b)
     else:
         acc.addmm_(a.float(), b.float())
 
