@@ -7,9 +7,7 @@ import sys
 
 import pytest
 from datasets import Dataset
-from transformers import AutoTokenizer
 
-from axolotl.utils.dict import DictDefault
 from axolotl_bnf_plugin.data.axolotl_types import DatasetFormatError
 from axolotl_bnf_plugin.data.loader import _prepare_split, format_report
 from fixtures.schemas import A_BAD, A_GOOD, SCHEMAS, U, msg
@@ -19,20 +17,7 @@ KTO_MIX = SCHEMAS["argilla/kto-mix-15k"][0]
 INDEX_ERROR = "chatml.ultra failed (IndexError: list index out of range)"
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_assets):
-    return AutoTokenizer.from_pretrained(tiny_assets / "model")
-
-
-def prep_cfg(**overrides):
-    return DictDefault({"sequence_len": 256, "excess_length_strategy": None, "dataset_num_proc": None,
-                        "chat_template": None, "hf_use_auth_token": False, "shuffle_merged_datasets": False,
-                        "seed": 0, **overrides})
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from test_adapters import prep_cfg, tokenizer, write_jsonl  # noqa: E402,F401 (tokenizer: a fixture)
 
 
 def ultra_rows(n=24):
