@@ -2,7 +2,6 @@
 reported with its number and reason; a strategy that fits no row stops preparation with a clear error."""
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
