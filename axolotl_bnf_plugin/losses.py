@@ -142,7 +142,8 @@ def bnf_response_scale(mask, sign, pair_ids=None, length_norm: str = "sequence",
     """`[B]` d loss / d (a token's weighted score) for each response: -sign / (length normaliser * n).
 
     BNF's gradient w.r.t. a token's label log-prob is this times the token's `w`; the single-pass op
-    (`kernels.token_logprobs(..., grad_rule=bnf_grad_rule.BNF_GRAD_RULE, grad_inputs=...)`) builds the gradient from it during the forward.
+    (`kernels.token_logprobs(..., grad_rule=bnf_grad_rule.BNF_GRAD_RULE, grad_inputs=...)`) builds the
+    gradient from it during the forward.
     """
     if length_norm not in LENGTH_NORMS:
         raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
