@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .compat import parallelism_settings
+
 METHODS = ("bnf", "asft")
 DATASET_KEYS = (("datasets", "bnf_datasets"), ("test_datasets", "bnf_test_datasets"))
 
@@ -84,6 +86,12 @@ def _check_parallelism(cfg: dict, method: str) -> None:
                 f"{key} (or set it to 1); to spread a large model over GPUs use FSDP (fsdp_config) or "
                 "DeepSpeed ZeRO, which the plugin supports."
             )
+    for key, value, what in parallelism_settings(cfg):  # Axolotl >= 0.21's own parallelism plugins
+        raise PluginConfigError(
+            f"{key}: {value!r} asks for {what}, which rl: {method} does not support: the fused log-prob op "
+            f"needs every token of a response and the whole output embedding on one process. Remove {key} "
+            "(or set it to 1); FSDP (fsdp_config) and DeepSpeed ZeRO are the supported ways to shard."
+        )
     # DeepSpeed's AutoTP is switched on in its own config as well (what tensor_parallel_size sets).
     ds_config = _deepspeed_config(cfg.get("deepspeed")) if cfg.get("deepspeed") else None
     autotp = (ds_config or {}).get("tensor_parallel") or {}

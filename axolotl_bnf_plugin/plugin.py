@@ -17,9 +17,10 @@ def _cpu_bf16_args(cfg) -> dict:
 
     transformers refuses bf16 without a bf16 GPU unless the run is declared a CPU run; accelerate then
     trains under CPU bf16 autocast, on the bf16 weights Axolotl loaded. Nothing else changes on such a
-    machine: the device is the CPU either way.
+    machine: the device is the CPU either way. (`check_available`: a CUDA build of torch names CUDA as its
+    accelerator even where no GPU is present, which is how PyPI's torch for Python 3.12 runs on a CPU.)
     """
-    if (cfg.bf16 or cfg.bfloat16) and torch.accelerator.current_accelerator() is None:
+    if (cfg.bf16 or cfg.bfloat16) and torch.accelerator.current_accelerator(check_available=True) is None:
         return {"use_cpu": True}
     return {}
 

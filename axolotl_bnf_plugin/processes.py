@@ -33,6 +33,10 @@ def join_cpu_process_group() -> None:
         return
     from accelerate import PartialState
 
+    from .compat import answer_cuda_peer_query_without_gpus
+
+    answer_cuda_peer_query_without_gpus()
+
     os.environ["ACCELERATE_USE_CPU"] = "true"
     PartialState(cpu=True, timeout=timedelta(seconds=int(os.environ.get("AXOLOTL_NCCL_TIMEOUT", 1800))))
 

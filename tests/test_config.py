@@ -7,6 +7,7 @@ import pytest
 import yaml
 from conftest import base_config
 
+from axolotl_bnf_plugin.compat import loads_installed_plugins
 from axolotl_bnf_plugin.config import BNFArgs, translate_raw_config
 
 
@@ -67,6 +68,7 @@ def test_load_cfg_rejects_bad_plugin_key(tiny_assets, tmp_path, key, value):
         _load(base_config(tiny_assets, tmp_path, "asft", **{key: value}), tmp_path)
 
 
+@pytest.mark.skipif(loads_installed_plugins(), reason="Axolotl >= 0.21 loads the installed plugin: test_axolotl_versions.py")
 def test_rl_bnf_without_plugin_fails_naming_rl(tiny_assets, tmp_path):
     cfg = base_config(tiny_assets, tmp_path, "bnf")
     del cfg["plugins"]
