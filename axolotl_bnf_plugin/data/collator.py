@@ -15,7 +15,7 @@ same tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any
 
 import torch
@@ -26,7 +26,9 @@ IGNORE_INDEX = -100
 @dataclass
 class ResponseBatchCollator:
     tokenizer: Any
-    padding: bool | str = True
+    # Axolotl's collator builder always passes `padding=True`; rows are always padded to the longest, so
+    # the value is accepted and not kept.
+    padding: InitVar[bool | str] = True
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
     # Rows of the model's output embedding (set by the trainer). The fused op indexes it with the labels
@@ -34,7 +36,7 @@ class ResponseBatchCollator:
     # is checked here, on the CPU, where the failing example can still be named.
     vocab_size: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self, padding):
         if self.return_tensors != "pt":
             raise ValueError(f"ResponseBatchCollator returns PyTorch tensors only, not {self.return_tensors!r}")
         pad = self.tokenizer.pad_token_id
