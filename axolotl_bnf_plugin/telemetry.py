@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import bytes_per_logit, default_chunk_size
+from .kernels.schedule import block_bytes, default_chunk_size, element_bytes
 from .losses import Metrics
 
 
@@ -70,8 +70,8 @@ def preflight(tokens_per_step: int, vocab_size: int, dtype: torch.dtype, with_re
     (policy, and reference when the method has one), against the fused op's one `[chunk, V]` block as the
     implementation `impl` ("torch" / "triton") allocates it."""
     chunk = chunk_size or default_chunk_size(vocab_size, dtype, impl=impl, device_type=device_type)
-    full = tokens_per_step * vocab_size * (torch.finfo(dtype).bits // 8)
-    workspace = min(chunk, tokens_per_step) * vocab_size * bytes_per_logit(impl, dtype, device_type)
+    full = tokens_per_step * vocab_size * element_bytes(dtype)
+    workspace = block_bytes(min(chunk, tokens_per_step), vocab_size, dtype, impl, device_type)
     return {
         "memory/preflight_full_logits_bytes": full * (2 if with_reference else 1),
         "memory/preflight_fused_workspace_bytes": workspace,
