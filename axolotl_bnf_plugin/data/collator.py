@@ -171,3 +171,30 @@ def per_position(batch: dict[str, torch.Tensor], response_values: torch.Tensor) 
     response = batch["response_index"].view(-1)[scored + 1]
     out = response_values.new_zeros(rows * width)
     return out.index_put((scored,), response_values[response]).view(rows, width)
+
+
+def leading_examples(batch: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:
+    """The first `keep` examples of an unpacked collated batch, as the collator would have batched them.
+
+    Rows are responses in example order; a pair's two responses share a pair id, any other example has
+    one response. So the examples' responses are a prefix of the rows (trailing padding columns are harmless).
+    """
+    pair_ids = batch["pair_ids"]
+    starts = torch.ones_like(pair_ids, dtype=torch.bool)
+    starts[1:] = (pair_ids[1:] < 0) | (pair_ids[1:] != pair_ids[:-1])
+    example = starts.cumsum(0) - 1
+    if int(example[-1]) + 1 != batch["example_ids"].numel():
+        raise RuntimeError("cannot tell which responses belong to which example in this batch")
+    rows, width = batch["labels"].shape
+    kept_rows = int((example < keep).sum())
+    out = {}
+    for key, value in batch.items():
+        if key == "example_ids":
+            out[key] = value[:keep]
+        elif key == "scored_index":
+            out[key] = value[value < kept_rows * width]
+        elif torch.is_tensor(value) and value.dim() and value.shape[0] == rows:
+            out[key] = value[:kept_rows]
+        else:
+            out[key] = value
+    return out
