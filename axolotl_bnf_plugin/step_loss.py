@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data.collator import per_position, response_rows
+from .data.collator import REF_LOGPS, per_position, response_rows
 from .initial_policy import eval_mode
 from .methods import Method, batch_normalizer, method_class, method_from_config
 from .methods.common import Metrics
@@ -57,8 +57,8 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
     # baseline), or scored by the live reference. That is scored before the policy: when it is the policy
     # itself with its adapter disabled, a forward after the policy's could reshard (FSDP2) a head the policy's
     # backward uses.
-    if "ref_logps" in batch:
-        ref_logp = batch["ref_logps"]
+    if REF_LOGPS in batch:
+        ref_logp = batch[REF_LOGPS]
     elif method.needs_ref_logps:
         ref_logp = live_reference_logps(model, batch, settings, reference)
     else:

@@ -14,7 +14,7 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.logging import get_logger
 
 from .args import plugin_settings
-from .data.collator import ResponseBatchCollator, leading_examples
+from .data.collator import REF_LOGPS, ResponseBatchCollator, leading_examples
 from .initial_policy import DisabledAdapter, live_reference  # noqa: F401 (DisabledAdapter: public)
 from .kernels import resolve_impl
 from .methods import batch_normalizer
@@ -200,7 +200,7 @@ class BNFTrainer(AxolotlTrainer):
         check_head = not self._head_checked
         self._head_checked = True
         reference = None
-        if self.method.needs_ref_logps and "ref_logps" not in batch:
+        if self.method.needs_ref_logps and REF_LOGPS not in batch:
             if self.precomputed_reference:
                 raise RuntimeError("bnf_precompute_ref is set but the batch has no reference log-probs")
             reference = self.reference

@@ -7,7 +7,7 @@ given then, so the model's attention keeps the responses apart (transformers bui
 causal mask from the position ids; flash-attention uses them as varlen boundaries).
 
 With `bnf_precompute_ref`, examples also carry their responses' reference log-probs, laid out like the
-labels in `ref_logps`. Either way the batch carries, per token, `response_index` (which response, -1 for padding) and, per
+labels in `ref_logps` (the name of that column in the examples too). Either way the batch carries, per token, `response_index` (which response, -1 for padding) and, per
 response, its `sign` (+1 / -1) and `pair_ids` (a pair's two responses share an id unique in the batch;
 -1 = unpaired). Labels are -100 on prompt and padding tokens and on the first token of every response
 (which has no predecessor inside its own sequence), so packed and unpacked batches score exactly the
@@ -21,6 +21,9 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
+# The initial policy's log-probs: an example's column (one list per response, one value per scored token,
+# `reference.py`) and the batch's key (laid out like the labels).
+REF_LOGPS = "ref_logps"
 
 
 @dataclass
@@ -56,7 +59,7 @@ class ResponseBatchCollator:
                 pair_id = example_number if example["is_pair"] else -1
                 example_number += 1
                 example_ids.append(int(example.get("example_id", -1)))
-                refs = example.get("response_ref_logps") or [None] * len(example["response_sign"])
+                refs = example.get(REF_LOGPS) or [None] * len(example["response_sign"])
                 for ids, plen, sign, ref in zip(example["response_input_ids"], example["response_prompt_len"],
                                                 example["response_sign"], refs):
                     segment = (list(ids), int(plen), len(signs), ref)
@@ -135,7 +138,7 @@ class ResponseBatchCollator:
         if not packed:
             batch["attention_mask"] = attention_mask
         if has_ref:
-            batch["ref_logps"] = ref_logps
+            batch[REF_LOGPS] = ref_logps
         return batch
 
 

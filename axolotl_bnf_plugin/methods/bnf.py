@@ -72,7 +72,7 @@ def bnf_response_scale(mask, sign, pair_ids=None, length_norm: str = "sequence",
 
 def bnf_loss(
     policy_logps: torch.Tensor,
-    ref_logps: torch.Tensor,
+    ref_logp: torch.Tensor,
     neg_entropy: torch.Tensor,
     mask: torch.Tensor,
     sign: torch.Tensor,
@@ -90,7 +90,7 @@ def bnf_loss(
 
     Args:
         policy_logps: `[B, T]` policy log-prob of each label token (differentiable).
-        ref_logps: `[B, T]` reference model log-probs of the same tokens.
+        ref_logp: `[B, T]` the initial policy's (reference's) log-probs of the same tokens.
         neg_entropy: `[B, T]` `sum_v p_v log p_v` of the policy at each token (value only).
         mask: `[B, T]` 1 on scored (completion) tokens.
         sign: `[B]` +1 preferred, -1 dispreferred.
@@ -101,12 +101,12 @@ def bnf_loss(
     """
     if length_norm not in LENGTH_NORMS:
         raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
-    check_inputs(mask, sign, pair_ids, policy_logps, ref_logps, neg_entropy)
+    check_inputs(mask, sign, pair_ids, policy_logps, ref_logp, neg_entropy)
     scored = mask.bool()
     zero = torch.zeros_like(policy_logps)
     # Unscored positions may hold anything (padding, -inf): keep them out of every expression.
     logp = torch.where(scored, policy_logps.float(), zero)
-    ref = torch.where(scored, ref_logps.float(), zero).detach()
+    ref = torch.where(scored, ref_logp.float(), zero).detach()
     neg_ent = torch.where(scored, neg_entropy.float(), zero).detach()
 
     with torch.no_grad():
