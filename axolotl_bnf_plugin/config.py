@@ -1,4 +1,5 @@
-"""The plugin's configuration: the `rl:` translation and the validated keys.
+"""The plugin's configuration: the `rl:` translation and the checks on the raw config (the keys themselves
+are declared in `args.py`).
 
 Axolotl's `rl:` is a closed enum, so `rl: bnf` / `rl: asft` cannot reach validation as they are. The
 plugin's `register` hook sees the raw YAML first and rewrites it: the method moves to `bnf_rl`, `rl` is

@@ -63,8 +63,8 @@ class BNFTrainer(AxolotlTrainer):
                 "Launch through `axolotl train --launcher torchrun` or `accelerate launch` (with `--cpu` on a "
                 "machine without GPUs), or train with one process."
             )
-        self.config = plugin_settings(self.args)
-        self.settings = LossSettings.from_config(self.config)
+        self.plugin_config = plugin_settings(self.args)
+        self.settings = LossSettings.from_config(self.plugin_config)
         self.method = self.settings.method
         # The loss divides by the n of the whole optimiser step, which `_get_num_items_in_batch` provides:
         # the Trainer must then neither divide by the accumulation steps nor re-weight micro-batches.
@@ -76,13 +76,13 @@ class BNFTrainer(AxolotlTrainer):
         self._examples_since_log, self._examples_seen = 0, 0
         # A loss scaler (fp16 on an accelerator) skips steps with non-finite gradients itself; fp16 on the CPU
         # has none, so there the guard checks them.
-        self.guard = StepGuard(self.config.bnf_max_bad_steps, check_gradients=self.accelerator.scaler is None)
+        self.guard = StepGuard(self.plugin_config.bnf_max_bad_steps, check_gradients=self.accelerator.scaler is None)
         self.add_callback(StepGuardCallback(self.guard))
         self.reference = None
-        self.precomputed_reference = self.method.needs_ref_logps and self.config.bnf_precompute_ref
+        self.precomputed_reference = self.method.needs_ref_logps and self.plugin_config.bnf_precompute_ref
         if self.method.needs_ref_logps and not self.precomputed_reference:
             self.reference = live_reference(self.model)
-        self.displacement = DisplacementMonitor(self.config.bnf_displacement_patience)
+        self.displacement = DisplacementMonitor(self.plugin_config.bnf_displacement_patience)
         self.phase_memory = PhaseMemory(self.args.device)
         self._preflight = self._preflight_bytes()
         aux_coef = router_aux_coef(self.model)  # fails here, not at step 1, when the config lacks the coefficient
@@ -114,9 +114,9 @@ class BNFTrainer(AxolotlTrainer):
     def _shift_metrics_on(self) -> str:
         if self.method.needs_ref_logps:
             return "on"
-        if not self.config.bnf_shift_metrics:
+        if not self.plugin_config.bnf_shift_metrics:
             return "off"
-        if self.config.asft_shift_on_train:
+        if self.plugin_config.asft_shift_on_train:
             return "train and eval (baseline scored once)"
         return "eval only (baseline scored once; asft_shift_on_train adds the training set)"
 
@@ -141,8 +141,8 @@ class BNFTrainer(AxolotlTrainer):
         from .reference import with_reference_logps
 
         baseline = not self.method.needs_ref_logps
-        train = self.precomputed_reference or (baseline and self.config.asft_shift_on_train)
-        evaluate = self.precomputed_reference or (baseline and self.config.bnf_shift_metrics)
+        train = self.precomputed_reference or (baseline and self.plugin_config.asft_shift_on_train)
+        evaluate = self.precomputed_reference or (baseline and self.plugin_config.bnf_shift_metrics)
         collator = ResponseBatchCollator(self.processing_class, vocab_size=self.vocab_size)
         options = dict(batch_size=self.args.per_device_eval_batch_size, device=self.args.device, cache_dir=cache_dir,
                        chunk_size=self.settings.chunk_size, impl=self.settings.impl)
