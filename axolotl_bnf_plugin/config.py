@@ -1,4 +1,5 @@
-"""The plugin's configuration: the `rl:` translation and the validated keys.
+"""The plugin's configuration: the `rl:` translation and the checks on the raw config (the keys themselves
+are declared in `args.py`).
 
 Axolotl's `rl:` is a closed enum, so `rl: bnf` / `rl: asft` cannot reach validation as they are. The
 plugin's `register` hook sees the raw YAML first and rewrites it: the method moves to `bnf_rl`, `rl` is
@@ -14,13 +15,12 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
+from .args import BNFArgs
 from .compat import parallelism_settings
+from .methods import method_names
 
-METHODS = ("bnf", "asft")
 DATASET_KEYS = (("datasets", "bnf_datasets"), ("test_datasets", "bnf_test_datasets"))
 
 
@@ -212,7 +212,7 @@ def translate_raw_config(cfg: dict) -> str | None:
     and keys of other methods or fused-loss integrations that cannot apply to BNF / ASFT.
     """
     rl = cfg.get("rl")
-    if not isinstance(rl, str) or rl.strip().lower() not in METHODS:
+    if not isinstance(rl, str) or rl.strip().lower() not in method_names():
         return cfg.get("bnf_rl")
     method = rl.strip().lower()
     _check_raw_config(cfg, method)
@@ -222,94 +222,3 @@ def translate_raw_config(cfg: dict) -> str | None:
         if cfg.get(source) is not None:
             cfg[kept] = _plain(cfg[source])
     return method
-
-
-class BNFArgs(BaseModel):
-    """Keys the plugin adds to an Axolotl config (merged into Axolotl's own schema)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    bnf_rl: Literal["bnf", "asft"] | None = Field(
-        default=None,
-        json_schema_extra={"description": "Set from `rl: bnf` / `rl: asft` by the plugin; not written by hand."},
-    )
-    bnf_length_norm: Literal["sequence", "batch_min"] = Field(
-        default="sequence",
-        json_schema_extra={
-            "description": "BNF sequence normaliser: each response's own length (the paper) or the "
-            "shortest response in the micro-batch (the authors' released code)."
-        },
-    )
-    asft_lambda: float = Field(default=1.0, ge=0.0, json_schema_extra={"description": "ASFT alignment weight lambda."})
-    asft_beta: float = Field(default=1.0, gt=0.0, json_schema_extra={"description": "ASFT temperature beta (paper: 1)."})
-    asft_sft_weight: float = Field(
-        default=1.0, ge=0.0, json_schema_extra={"description": "ASFT weight c_sft of the NLL term (paper: 1)."}
-    )
-    bnf_loss_chunk_size: int | None = Field(
-        default=None,
-        ge=1,
-        json_schema_extra={
-            "description": "Token rows per logits block in the fused log-prob op. Default: as many as fit a "
-            "256 MiB workspace for the model's vocabulary."
-        },
-    )
-    bnf_kernel_impl: Literal["auto", "torch", "triton"] = Field(
-        default="auto",
-        json_schema_extra={
-            "description": "Implementation of the fused log-prob op: auto (Triton on CUDA, else PyTorch), "
-            "torch, or triton."
-        },
-    )
-    bnf_precompute_ref: bool = Field(
-        default=False,
-        json_schema_extra={
-            "description": "BNF: compute the reference log-probs once before training (with the fused op) and "
-            "store them with the prepared data, so training holds no reference model."
-        },
-    )
-    bnf_max_bad_steps: int = Field(
-        default=10,
-        ge=1,
-        json_schema_extra={
-            "description": "Stop training after this many consecutive optimiser steps with a non-finite loss or "
-            "gradient (each such step is skipped and counted)."
-        },
-    )
-    bnf_shift_metrics: bool = Field(
-        default=True,
-        json_schema_extra={
-            "description": "Log shift/chosen, shift/rejected, shift/chosen_down_frac (per-token log-prob change "
-            "since the start of training). Free for BNF (it has the reference). For ASFT the initial policy "
-            "scores the eval set once before training (cached like bnf_precompute_ref), so the shift is logged "
-            "at evaluation; see asft_shift_on_train for the training set."
-        },
-    )
-    asft_shift_on_train: bool = Field(
-        default=False,
-        json_schema_extra={
-            "description": "ASFT: also log shift/* during training, from a baseline scored over the whole training "
-            "set before step 1: one forward pass over the training data (about a third of an epoch's compute, "
-            "split across processes, cached)."
-        },
-    )
-    bnf_displacement_patience: int = Field(
-        default=10,
-        ge=1,
-        json_schema_extra={
-            "description": "Warn (once) when shift/chosen has fallen for this many consecutive logging steps."
-        },
-    )
-    bnf_datasets: list[dict[str, Any]] | None = Field(
-        default=None, json_schema_extra={"description": "Verbatim copy of `datasets:` kept by the plugin."}
-    )
-    bnf_test_datasets: list[dict[str, Any]] | None = Field(
-        default=None, json_schema_extra={"description": "Verbatim copy of `test_datasets:` kept by the plugin."}
-    )
-
-    @model_validator(mode="after")
-    def _options_apply_to_method(self):
-        if self.bnf_precompute_ref and self.bnf_rl == "asft":
-            raise ValueError("bnf_precompute_ref applies to rl: bnf only: ASFT uses no reference model")
-        if self.asft_shift_on_train and self.bnf_rl == "bnf":
-            raise ValueError("asft_shift_on_train applies to rl: asft only: BNF's shift metrics come with its reference")
-        return self

@@ -7,7 +7,7 @@
 - `rewards.png`      implicit rewards of chosen / rejected responses and their margin
 - `shift.png`        how far the log-probs of chosen / rejected responses moved since the start; the
                      plot that shows the failure preference losses are known for: both going down
-- `bnf_weights.png`  BNF only: the per-token gradient weights and the fraction of clipped tokens
+- `bnf_weights.png`  BNF only: the per-token gradient weights and the fraction of tokens below the reference
 - `asft_terms.png`   ASFT only: the NLL and alignment terms of the loss, and the log-odds of chosen
 
 The history is a log, not a table: every record carries only some keys (train, eval and the final
@@ -161,14 +161,14 @@ def _panels(history, top_keys, bottom_keys):
 
 
 def _bnf_weights(history, run):
-    fig, axes, drawn, drawn_clipped = _panels(history, ["bnf/weight_chosen", "bnf/weight_rejected"],
-                                              ["bnf/clipped_frac_chosen", "bnf/clipped_frac_rejected"])
+    fig, axes, drawn, drawn_below = _panels(history, ["bnf/weight_chosen", "bnf/weight_rejected"],
+                                              ["bnf/below_ref_frac_chosen", "bnf/below_ref_frac_rejected"])
     if not drawn:
         return None
     axes[0].set(title=f"BNF per-token gradient weight, 1 = full push{_eval_note(drawn)} - {run}",
                 ylabel="mean weight w")
-    if drawn_clipped:
-        axes[1].set(title=f"Fraction of tokens with q < 1 (clipped){_eval_note(drawn_clipped)}", ylabel="fraction",
+    if drawn_below:
+        axes[1].set(title=f"Fraction of tokens below the reference (q < 1, damped){_eval_note(drawn_below)}", ylabel="fraction",
                     ylim=(-0.02, 1.02))
     for ax in axes:
         _legend(ax)

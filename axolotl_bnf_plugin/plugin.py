@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from axolotl.integrations.base import BasePlugin
 
+from .args import training_arg_values
 from .config import translate_raw_config
 from .processes import join_cpu_process_group, place_model_on_cpu
 
@@ -34,7 +35,7 @@ class BNFPlugin(BasePlugin):
             join_cpu_process_group()
 
     def get_input_args(self) -> str:
-        return "axolotl_bnf_plugin.config.BNFArgs"
+        return "axolotl_bnf_plugin.args.BNFArgs"
 
     def get_training_args_mixin(self) -> str:
         return "axolotl_bnf_plugin.training_args.BNFTrainingArgsMixin"
@@ -43,18 +44,7 @@ class BNFPlugin(BasePlugin):
         if not cfg.bnf_rl:
             return None
         return {
-            "bnf_rl": cfg.bnf_rl,
-            "bnf_length_norm": cfg.bnf_length_norm,
-            "asft_lambda": cfg.asft_lambda,
-            "asft_beta": cfg.asft_beta,
-            "asft_sft_weight": cfg.asft_sft_weight,
-            "bnf_loss_chunk_size": cfg.bnf_loss_chunk_size,
-            "bnf_kernel_impl": cfg.bnf_kernel_impl,
-            "bnf_precompute_ref": bool(cfg.bnf_precompute_ref),
-            "bnf_max_bad_steps": cfg.bnf_max_bad_steps,
-            "bnf_shift_metrics": bool(cfg.bnf_shift_metrics),
-            "asft_shift_on_train": bool(cfg.asft_shift_on_train),
-            "bnf_displacement_patience": cfg.bnf_displacement_patience,
+            **training_arg_values(cfg),
             # The collator needs the example columns (signs, pairs), not just the model's inputs.
             "remove_unused_columns": False,
             **_cpu_bf16_args(cfg),
@@ -95,8 +85,13 @@ class BNFPlugin(BasePlugin):
         return ResponseBatchCollator, {}
 
     def post_trainer_create(self, cfg, trainer):
-        # The initial policy scores the data once: BNF's precomputed reference, or ASFT's shift baseline.
-        if (cfg.bnf_rl == "bnf" and cfg.bnf_precompute_ref) or (cfg.bnf_rl == "asft" and cfg.bnf_shift_metrics):
+        # The initial policy scores the data once: a precomputed reference, or a reference-free method's shift
+        # baseline.
+        if not cfg.bnf_rl:
+            return
+        from .methods import method_class
+
+        if cfg.bnf_precompute_ref if method_class(cfg.bnf_rl).needs_ref_logps else cfg.bnf_shift_metrics:
             from axolotl.common.const import DEFAULT_DATASET_PREPARED_PATH
 
             trainer.attach_reference_logps(cfg.dataset_prepared_path or DEFAULT_DATASET_PREPARED_PATH)

@@ -10,7 +10,7 @@ would form them, and dealt out in contiguous blocks; each process scores its blo
 receives all the results, so every rank holds the same numbers as a one-process scoring. A progress bar
 on the main process shows rows/s and the time left.
 
-The result is stored as a `response_ref_logps` column (one list per response, one value per scored
+The result is stored as a `ref_logps` column (one list per response, one value per scored
 completion token) and cached on disk next to the prepared data. The cache key is what the numbers depend
 on: the selected examples' tokens, the weights the model was loaded from (a fingerprint of the files, not
 their path: see `weights_fingerprint`), the adapter's starting weights, and the dtype. A log line says
@@ -32,13 +32,13 @@ from tqdm.auto import tqdm
 
 from axolotl.utils.logging import get_logger
 
-from .data.collator import ResponseBatchCollator, response_rows
+from .data.collator import REF_LOGPS, ResponseBatchCollator, response_rows
 from .initial_policy import adapter_is_identity, eval_mode
 from .model_io import response_token_logps, unwrap, unwrap_peft
 from .weights_fingerprint import model_fingerprint, tensors_fingerprint
 
 LOG = get_logger(__name__)
-REF_COLUMN = "response_ref_logps"
+REF_COLUMN = REF_LOGPS
 
 
 def _distributed() -> tuple[int, int]:
@@ -151,6 +151,7 @@ def cache_key(dataset: Dataset, model) -> str:
         "weights": model_fingerprint(base),
         "adapter": _adapter_fingerprint(model),
         "dtype": str(next(base.parameters()).dtype),
+        "column": REF_COLUMN,  # the stored layout: caches written under another column name are not reused
     }
     return md5(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -180,7 +181,7 @@ def _save(values, feature, path: Path) -> None:
 
 def with_reference_logps(dataset: Dataset, model, collator, batch_size: int, device, cache_dir: str | Path | None,
                          chunk_size: int | None = None, impl: str = "auto", split: str = "train") -> Dataset:
-    """`dataset` plus the `response_ref_logps` column, loaded from the cache or scored (and cached)."""
+    """`dataset` plus the `ref_logps` column, loaded from the cache or scored (and cached)."""
     if REF_COLUMN in dataset.column_names:
         return dataset
     key = cache_key(dataset, model)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import bytes_per_logit, default_chunk_size
-from .losses import Metrics
+from .kernels.schedule import block_bytes, default_chunk_size, element_bytes
+from .methods.common import Metrics
 
 
 # A response "went down" when its mean log-prob fell by more than this (nats per token): two scorings of
@@ -17,15 +17,15 @@ from .losses import Metrics
 DOWN_TOLERANCE = 1e-4
 
 
-def shift_metrics(logp: torch.Tensor, start_logp: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor) -> Metrics:
+def shift_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor) -> Metrics:
     """Per response, the mean per-token log-prob now minus at the start of training; averaged over
     chosen and over rejected responses, plus the fraction of chosen responses whose likelihood fell.
 
-    `logp`, `start_logp`, `mask`: `[B, T]`; `sign`: `[B]`. Rows without scored tokens are left out.
+    `logp`, `ref_logp` (the initial policy's), `mask`: `[B, T]`; `sign`: `[B]`. Rows without scored tokens are left out.
     """
     scored = mask.bool()
     lengths = scored.sum(1)
-    delta = torch.where(scored, logp.detach().float() - start_logp.detach().float(), torch.zeros_like(logp, dtype=torch.float32))
+    delta = torch.where(scored, logp.detach().float() - ref_logp.detach().float(), torch.zeros_like(logp, dtype=torch.float32))
     per_response = delta.sum(1) / lengths.clamp(min=1)
     nonempty = lengths > 0
     chosen, rejected = nonempty & (sign > 0), nonempty & (sign < 0)
@@ -70,13 +70,21 @@ def preflight(tokens_per_step: int, vocab_size: int, dtype: torch.dtype, with_re
     (policy, and reference when the method has one), against the fused op's one `[chunk, V]` block as the
     implementation `impl` ("torch" / "triton") allocates it."""
     chunk = chunk_size or default_chunk_size(vocab_size, dtype, impl=impl, device_type=device_type)
-    full = tokens_per_step * vocab_size * (torch.finfo(dtype).bits // 8)
-    workspace = min(chunk, tokens_per_step) * vocab_size * bytes_per_logit(impl, dtype, device_type)
+    full = tokens_per_step * vocab_size * element_bytes(dtype)
+    workspace = block_bytes(min(chunk, tokens_per_step), vocab_size, dtype, impl, device_type)
     return {
         "memory/preflight_full_logits_bytes": full * (2 if with_reference else 1),
         "memory/preflight_fused_workspace_bytes": workspace,
         "memory/preflight_chunk_rows": chunk,
     }
+
+
+def preflight_text(preflight_bytes: dict[str, int], pairs: int, seq_len: int) -> str:
+    """The pre-flight as one log line (`preflight_bytes`: what `preflight` returned)."""
+    p = preflight_bytes
+    return (f"memory pre-flight per micro-batch (up to {pairs} pairs x {seq_len} tokens): full logits would take "
+            f"{p['memory/preflight_full_logits_bytes'] / 2**30:.2f} GiB; the fused op holds one block of "
+            f"{p['memory/preflight_chunk_rows']} rows, {p['memory/preflight_fused_workspace_bytes'] / 2**20:.0f} MiB")
 
 
 class PhaseMemory:
@@ -119,27 +127,13 @@ def _rss_bytes() -> int:
         return 0
 
 
-FORMULAS = {
-    "bnf": "L = -(1/n) sum_i s_i (1/N_i) sum_t [q_t l_t + c_t (E_t - sg(p_t) l_t)],  q = min(p/p_ref, 1), "
-           "c = (1-q)/(1-p)",
-    "asft": "L = (1/n) sum [-c_sft lbar_w - lambda log sig(beta r_w) - lambda log sig(-beta r_l)],  "
-            "r = log(pibar/(1-pibar))",
-}
-PAPERS = {
-    "bnf": "BNF: Bidirectional Negative Feedback (Mao et al., arXiv 2410.04834, ICLR 2025)",
-    "asft": "ASFT: Aligned Supervised Fine-Tuning (Wang et al., arXiv 2409.10571) -- not Anchored SFT (2509.23753)",
-}
-
-
 def method_card(settings, reference: str, shift_metrics: str, packing: bool) -> str:
-    """The few lines printed once at the start of training."""
-    lines = ["=" * 78, PAPERS[settings.method], "  " + FORMULAS[settings.method]]
-    if settings.method == "bnf":
-        lines.append(f"  length norm: {settings.length_norm} | reference: {reference}")
-    else:
-        lines.append(f"  lambda={settings.lam} beta={settings.beta} c_sft={settings.sft_weight} | reference: none "
-                     "(reference-free)")
-    lines.append(f"  fused log-prob op: impl={settings.impl}, chunk rows={settings.chunk_size or 'auto'} | "
-                 f"sample packing: {'on' if packing else 'off'} | shift metrics: {shift_metrics}")
-    lines.append("=" * 78)
+    """The few lines printed once at the start of training (`settings`: a `step_loss.LossSettings`)."""
+    method = settings.method
+    if not method.needs_ref_logps:
+        reference = "none (reference-free)"
+    lines = ["=" * 78, method.paper, "  " + method.formula, f"  {method.describe()} | reference: {reference}",
+             f"  fused log-prob op: impl={settings.impl}, chunk rows={settings.chunk_size or 'auto'} | "
+             f"sample packing: {'on' if packing else 'off'} | shift metrics: {shift_metrics}",
+             "=" * 78]
     return "\n".join(lines)

@@ -137,7 +137,10 @@ def torch_lce(hidden, weight, labels):
 
 def _bnf(hidden, weight, labels, single_pass: bool):
     from axolotl_bnf_plugin.kernels import token_logprobs
-    from axolotl_bnf_plugin.losses import bnf_loss, bnf_response_scale
+    try:
+        from axolotl_bnf_plugin.methods.bnf import bnf_loss, bnf_response_scale
+    except ImportError:  # a checkout from before the methods package
+        from axolotl_bnf_plugin.losses import bnf_loss, bnf_response_scale
 
     mask, sign = (labels != IGNORE_INDEX)[None], torch.ones(1, dtype=torch.long, device=labels.device)
     ref = torch.full(labels.shape, -8.0, device=labels.device)  # p_ref ~ 3e-4: a mix of clipped / unclipped q
@@ -145,7 +148,10 @@ def _bnf(hidden, weight, labels, single_pass: bool):
         if "grad_rule" not in inspect.signature(token_logprobs).parameters:
             raise RuntimeError("this checkout's token_logprobs has no grad_rule / grad_inputs keywords: the BNF "
                                "single pass is measured through that API")
-        from axolotl_bnf_plugin.bnf_grad_rule import BNF_GRAD_RULE
+        try:
+            from axolotl_bnf_plugin.methods.bnf import BNF_GRAD_RULE
+        except ImportError:  # a checkout from before the methods package
+            from axolotl_bnf_plugin.bnf_grad_rule import BNF_GRAD_RULE
 
         scale = bnf_response_scale(mask, sign)[:, None].expand(mask.shape).reshape(-1)
         logp, neg = token_logprobs(hidden, weight, labels, chunk_size=_chunk_size(), grad_rule=BNF_GRAD_RULE,

@@ -32,6 +32,28 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
+
+
+def _two_pass_bnf():
+    """BNF without its gradient rule: `batch_loss` then runs the two-pass op (the logits recomputed in
+    backward), the reference the single-pass op is checked against."""
+    from dataclasses import dataclass
+
+    from axolotl_bnf_plugin.methods.bnf import BNF
+
+    @dataclass(frozen=True)
+    class TwoPassBNF(BNF):
+        grad_rule = None
+
+    return TwoPassBNF
+
+
+def __getattr__(name):  # `from conftest import TwoPassBNF`, without importing the plugin for every test
+    if name == "TwoPassBNF":
+        return _two_pass_bnf()
+    raise AttributeError(name)
+
+
 CPU_KEYS = {"fp16": False, "bf16": False, "tf32": False}
 LORA_KEYS = {
     "adapter": "lora",

@@ -18,9 +18,10 @@ from axolotl_bnf_plugin.data.adapters import Candidate
 from axolotl_bnf_plugin.data.collator import ResponseBatchCollator
 from axolotl_bnf_plugin.data.examples import candidate_example
 from axolotl_bnf_plugin.data.tokenize import LengthPolicy
-from axolotl_bnf_plugin.losses import batch_normalizer
+from axolotl_bnf_plugin.methods import batch_normalizer
 from axolotl_bnf_plugin.tiny import build_model, build_tokenizer, toy_pairs
-from axolotl_bnf_plugin.trainer import DisabledAdapter, LossSettings, batch_loss
+from axolotl_bnf_plugin.initial_policy import DisabledAdapter
+from axolotl_bnf_plugin.step_loss import LossSettings, batch_loss
 
 
 def examples_and_tokenizer():

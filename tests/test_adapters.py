@@ -119,7 +119,7 @@ def test_mixed_run_batches_carry_signs_and_pairs(tokenizer, tmp_path):
     batch = ResponseBatchCollator(tokenizer)(list(dataset))
     assert batch["sign"].tolist() == [1, -1, 1, -1, -1, 1, 1]
     assert batch["pair_ids"].tolist() == [0, 0, 1, 1, -1, -1, -1]
-    from axolotl_bnf_plugin.losses import batch_normalizer
+    from axolotl_bnf_plugin.methods import batch_normalizer
 
     assert float(batch_normalizer(batch["pair_ids"], 7)) == 2 + 3  # two pairs, three unpaired responses
 

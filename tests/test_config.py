@@ -7,8 +7,9 @@ import pytest
 import yaml
 from conftest import base_config
 
+from axolotl_bnf_plugin.args import BNFArgs
 from axolotl_bnf_plugin.compat import loads_installed_plugins
-from axolotl_bnf_plugin.config import BNFArgs, translate_raw_config
+from axolotl_bnf_plugin.config import translate_raw_config
 
 
 def test_translation_moves_method_and_keeps_raw_datasets():

@@ -26,7 +26,7 @@ import torch
 
 from axolotl_bnf_plugin.kernels import token_logprobs
 from axolotl_bnf_plugin.kernels.schedule import MIN_SLICE_COLS, rows_per_block, vocab_slice_cols
-from axolotl_bnf_plugin.losses import bnf_loss, bnf_response_scale
+from axolotl_bnf_plugin.methods.bnf import bnf_loss, bnf_response_scale
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels on a CUDA GPU")
 
@@ -195,7 +195,7 @@ BNF_B, BNF_T, BNF_H, BNF_V = 4, 250, 512, 32000
 @pytest.mark.parametrize("transform", [{}, {"softcap": 30.0, "scale": 0.5}], ids=["plain", "softcap-scale"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bnf_single_pass_matches_two_pass_and_fp64(impl, transform, chunk):
-    from axolotl_bnf_plugin.bnf_grad_rule import BNF_GRAD_RULE
+    from axolotl_bnf_plugin.methods.bnf import BNF_GRAD_RULE
 
     B, T = BNF_B, BNF_T
     hidden, weight, bias, labels, _ = make_inputs(B * T, BNF_H, BNF_V, seed=99, bias=True, ignored_frac=0.2)
@@ -286,7 +286,7 @@ def memory_loss(method: str, labels, upstream):
     if method == "naive":
         return lambda h, w: (torch.log_softmax((h @ w.t()).float(), -1).gather(1, labels[:, None])[:, 0]
                              * upstream).sum()
-    from axolotl_bnf_plugin.bnf_grad_rule import BNF_GRAD_RULE
+    from axolotl_bnf_plugin.methods.bnf import BNF_GRAD_RULE
 
     mask, sign = (labels != IGNORE)[None], torch.ones(1, dtype=torch.long, device=DEVICE)
     ref = torch.full(labels.shape, -8.0, device=DEVICE)

@@ -77,7 +77,7 @@ def test_continued_adapter_reference_is_the_starting_policy_in_eval_mode(tiny, d
     (not the base), in eval mode, stays frozen while the adapter trains, and leaves the policy's modes and
     trainable parameters as they were."""
     from axolotl_bnf_plugin.initial_policy import AdapterSnapshot, live_reference
-    from axolotl_bnf_plugin.trainer import LossSettings, _live_reference_token_logps
+    from axolotl_bnf_plugin.step_loss import LossSettings, live_reference_logps
 
     tokenizer, base = tiny
     policy = _lora(copy.deepcopy(base), dropout=dropout)
@@ -96,7 +96,7 @@ def test_continued_adapter_reference_is_the_starting_policy_in_eval_mode(tiny, d
     settings = LossSettings("bnf")
     scored = batch["labels"][:, 1:] != -100
     for _ in range(2):
-        got = _live_reference_token_logps(policy, batch, settings, reference)
+        got = live_reference_logps(policy, batch, settings, reference)
         torch.testing.assert_close(got[:, :-1][scored], expected[:, :-1][scored], rtol=1e-5, atol=1e-5)
         assert (got[:, :-1][scored] - bare[:, :-1][scored]).abs().max() > 1e-2  # the adapter matters
         assert all(m.training for m in policy.modules())

@@ -1,6 +1,6 @@
 """BNF and ASFT losses against a naive, loop-by-loop transcription of METHODS.md.
 
-The reference implementations below deliberately do not share code with `axolotl_bnf_plugin.losses`:
+The reference implementations below deliberately do not share code with `axolotl_bnf_plugin.methods`:
 they walk rows and tokens in Python, build BNF's target distribution Q over the whole vocabulary from
 full logits, and compute everything in float64. The implementation is fed per-token log-probs derived
 from the same logits, so its gradient w.r.t. the logits can be compared with (a) the naive loss's
@@ -13,15 +13,16 @@ import math
 import pytest
 import torch
 
-from axolotl_bnf_plugin.losses import asft_loss, bnf_loss
+from axolotl_bnf_plugin.methods.asft import asft_loss
+from axolotl_bnf_plugin.methods.bnf import bnf_loss
 
 EPS = 1e-6  # the two 1e-6 constants in METHODS.md's definition of q and c
 ASFT_LBAR_CAP = -1e-6  # documented in asft_loss: log(1 - pibar) is evaluated at min(lbar, -1e-6)
 
 PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                       "logps/chosen", "logps/rejected")
-BNF_METRICS = PREFERENCE_METRICS + ("bnf/weight_chosen", "bnf/weight_rejected", "bnf/clipped_frac_chosen",
-                                    "bnf/clipped_frac_rejected")
+BNF_METRICS = PREFERENCE_METRICS + ("bnf/weight_chosen", "bnf/weight_rejected", "bnf/below_ref_frac_chosen",
+                                    "bnf/below_ref_frac_rejected")
 ASFT_METRICS = ("asft/nll_loss", "asft/align_loss") + PREFERENCE_METRICS + ("log_odds_chosen",)
 
 
@@ -180,8 +181,8 @@ def naive_bnf(z_leaf, labels, z_ref, mask, sign, pair_ids, length_norm):
         "logps/rejected": [logps_sum[i] for i in rejected],
         "bnf/weight_chosen": tok(chosen, w_tok),
         "bnf/weight_rejected": tok(rejected, w_tok),
-        "bnf/clipped_frac_chosen": [1.0 if v < 1 else 0.0 for v in tok(chosen, q_tok)],
-        "bnf/clipped_frac_rejected": [1.0 if v < 1 else 0.0 for v in tok(rejected, q_tok)],
+        "bnf/below_ref_frac_chosen": [1.0 if v < 1 else 0.0 for v in tok(chosen, q_tok)],
+        "bnf/below_ref_frac_rejected": [1.0 if v < 1 else 0.0 for v in tok(rejected, q_tok)],
     }
     return loss, items, w_tok
 
@@ -442,7 +443,7 @@ def _one_token_bnf(l, l_ref, s):
     w = float(metrics[f"bnf/weight_{name}"])
     # dL/dl = -s w / (n N): the weight is also visible in the gradient w.r.t. the log-prob.
     assert float(logps.grad) == pytest.approx(-s * w, rel=1e-6, abs=1e-9)
-    return w, float(metrics[f"bnf/clipped_frac_{name}"])
+    return w, float(metrics[f"bnf/below_ref_frac_{name}"])
 
 
 @pytest.mark.parametrize("s", [1, -1])

@@ -156,8 +156,7 @@ def test_frozen_weight_holds_one_block(dtype):
 
 def bnf_single_pass_step(hidden, weight, labels, chunk_size, impl="torch"):
     """BNF's loss (one response, a fixed reference) on the single-pass op, then its backward."""
-    from axolotl_bnf_plugin.bnf_grad_rule import BNF_GRAD_RULE
-    from axolotl_bnf_plugin.losses import bnf_loss, bnf_response_scale
+    from axolotl_bnf_plugin.methods.bnf import BNF_GRAD_RULE, bnf_loss, bnf_response_scale
 
     mask, sign = (labels != -100)[None], torch.ones(1, dtype=torch.long)
     ref = torch.full(labels.shape, -8.0)

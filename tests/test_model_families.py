@@ -33,7 +33,7 @@ from axolotl_bnf_plugin.model_io import (
     unsupported_head_reason,
 )
 from axolotl_bnf_plugin.tiny import FAMILY_SPECS, build_family_model, build_tokenizer, save_family_model, toy_pairs
-from axolotl_bnf_plugin.trainer import LossSettings, batch_loss
+from axolotl_bnf_plugin.step_loss import LossSettings, batch_loss
 
 FAMILIES = list(FAMILY_SPECS)
 TIED = {"qwen2", "gemma2", "gemma3", "cohere", "starcoder2"}

@@ -12,19 +12,22 @@ import json
 
 import pytest
 import torch
+from conftest import TwoPassBNF
 from test_packing import setup  # noqa: F401  (fixture)
 
 from axolotl_bnf_plugin.data.collator import ResponseBatchCollator, response_rows
-from axolotl_bnf_plugin.losses import asft_loss, batch_normalizer, bnf_loss
+from axolotl_bnf_plugin.methods import batch_normalizer
+from axolotl_bnf_plugin.methods.asft import ASFT, asft_loss
+from axolotl_bnf_plugin.methods.bnf import bnf_loss
 from axolotl_bnf_plugin.model_io import response_token_logps, router_aux_coef
-from axolotl_bnf_plugin.trainer import LossSettings, batch_loss
+from axolotl_bnf_plugin.step_loss import LossSettings, batch_loss
 
 COEF = 0.3  # large, so that the aux term visibly moves the router's gradient
 ARCHS = ["qwen3_moe", "mixtral"]
 SETTINGS = {
     "bnf": LossSettings("bnf"),
-    "bnf-two-pass": LossSettings("bnf", single_pass=False),
-    "asft": LossSettings("asft", lam=0.7, beta=1.3, sft_weight=0.5),
+    "bnf-two-pass": LossSettings(TwoPassBNF()),
+    "asft": LossSettings(ASFT(lam=0.7, beta=1.3, sft_weight=0.5)),
 }
 
 
@@ -109,14 +112,14 @@ def naive_loss(arch, policy, reference, batch, settings, with_aux: bool, normali
 
     out, logp, neg_entropy = token_logps(policy, output_router_logits=False)
     mask, logp, neg_entropy = response_rows(batch, logp, neg_entropy)
-    if settings.method == "bnf":
+    if settings.method.name == "bnf":
         with torch.no_grad():
             ref_logp = response_rows(batch, token_logps(reference, output_router_logits=False)[1])[1]
         loss, _ = bnf_loss(logp, ref_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
-                           length_norm=settings.length_norm, normalizer=normalizer)
+                           length_norm=settings.method.length_norm, normalizer=normalizer)
     else:
-        loss, _ = asft_loss(logp, mask, batch["sign"], batch["pair_ids"], lam=settings.lam, beta=settings.beta,
-                            sft_weight=settings.sft_weight, normalizer=normalizer)
+        loss, _ = asft_loss(logp, mask, batch["sign"], batch["pair_ids"], lam=settings.method.lam, beta=settings.method.beta,
+                            sft_weight=settings.method.sft_weight, normalizer=normalizer)
     if with_aux:
         share = 1.0 if normalizer is None else batch_normalizer(batch["pair_ids"], batch["sign"].shape[0]) / normalizer
         loss = loss + COEF * share * model_aux_loss(arch, policy, batch)
@@ -150,7 +153,7 @@ def test_aux_loss_joins_the_policy_loss(moe, arch, method, layout):
         loss, metrics, grads = loss_and_grads(lambda: batch_loss(policy, batch, settings, reference=reference), policy)
     # The policy's forward records router logits; the reference's (same config flag) does not.
     assert policy_calls.seen == [True]
-    assert reference_calls.seen == ([False] if settings.method == "bnf" else [])
+    assert reference_calls.seen == ([False] if settings.method.name == "bnf" else [])
 
     without = loss_and_grads(lambda: (naive_loss(arch, policy, reference, batch, settings, with_aux=False),), policy)
     with torch.no_grad():
@@ -183,7 +186,7 @@ def test_without_the_flag_nothing_changes(moe, arch, method, layout):
         with ForwardKwargs(policy) as policy_calls, ForwardKwargs(reference) as reference_calls:
             loss, metrics, grads = loss_and_grads(lambda: batch_loss(policy, batch, settings, reference=reference),
                                                   policy)
-        assert policy_calls.seen == ["-"] and reference_calls.seen == (["-"] if settings.method == "bnf" else [])
+        assert policy_calls.seen == ["-"] and reference_calls.seen == (["-"] if settings.method.name == "bnf" else [])
         assert "aux_loss" not in metrics
         naive = loss_and_grads(lambda: (naive_loss(arch, policy, reference, batch, settings, with_aux=False),),
                                policy)

@@ -10,8 +10,10 @@ from axolotl_bnf_plugin.data.collator import ResponseBatchCollator, response_row
 from axolotl_bnf_plugin.data.examples import candidate_example
 from axolotl_bnf_plugin.data.tokenize import LengthPolicy
 from axolotl_bnf_plugin.tiny import build_model, build_tokenizer, toy_pairs
-from axolotl_bnf_plugin.losses import batch_normalizer
-from axolotl_bnf_plugin.trainer import LossSettings, batch_loss
+from axolotl_bnf_plugin.methods import batch_normalizer
+from axolotl_bnf_plugin.methods.asft import ASFT
+from axolotl_bnf_plugin.methods.bnf import BNF
+from axolotl_bnf_plugin.step_loss import LossSettings, batch_loss
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +53,8 @@ def _run(model, reference, batch, settings):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("settings", [LossSettings("bnf"), LossSettings("bnf", length_norm="batch_min"),
-                                      LossSettings("asft", lam=0.7, beta=1.3, sft_weight=0.5)],
+@pytest.mark.parametrize("settings", [LossSettings("bnf"), LossSettings(BNF(length_norm="batch_min")),
+                                      LossSettings(ASFT(lam=0.7, beta=1.3, sft_weight=0.5))],
                          ids=["bnf", "bnf-batch_min", "asft"])
 def test_packed_equals_unpacked(setup, settings, attn):
     tokenizer, examples, model, reference = setup

@@ -26,7 +26,7 @@ def _train_record(step: int, kind: str) -> dict:
     }
     if kind == "bnf":
         record |= {"bnf/weight_chosen": 1 - 0.05 * t, "bnf/weight_rejected": 1 - 0.2 * t,
-                   "bnf/clipped_frac_chosen": 1 - 0.8 * t, "bnf/clipped_frac_rejected": 1 - 0.3 * t}
+                   "bnf/below_ref_frac_chosen": 1 - 0.8 * t, "bnf/below_ref_frac_rejected": 1 - 0.3 * t}
     else:
         record |= {"asft/nll_loss": 1.5 - 0.6 * t, "asft/align_loss": 0.69 - 0.4 * t, "log_odds_chosen": 3 * t}
     return record
@@ -106,7 +106,7 @@ def test_nan_and_missing_values(tmp_path):
     for record in records:  # a metric that is NaN throughout must not produce an empty plot
         if "bnf/weight_chosen" in record:
             record["bnf/weight_rejected"] = math.nan
-        for key in ("bnf/clipped_frac_chosen", "bnf/clipped_frac_rejected"):
+        for key in ("bnf/below_ref_frac_chosen", "bnf/below_ref_frac_rejected"):
             record.pop(key, None)
     run = _write(tmp_path / "nan", records)
     paths = plot_run(run)

@@ -15,10 +15,9 @@ from conftest import LORA_KEYS, base_config, run_axolotl
 from test_kernel import naive_token_logprobs
 from test_single_pass import with_bnf
 
-from axolotl_bnf_plugin.bnf_grad_rule import BNF_GRAD_RULE
 from axolotl_bnf_plugin.callbacks import LOG_HISTORY_FILE
 from axolotl_bnf_plugin.kernels import token_logprobs, triton_available
-from axolotl_bnf_plugin.losses import bnf_loss, bnf_response_scale
+from axolotl_bnf_plugin.methods.bnf import BNF_GRAD_RULE, bnf_loss, bnf_response_scale
 from axolotl_bnf_plugin.numerics import NonFiniteStepError, StepGuard, StepGuardCallback
 
 CUDA = torch.cuda.is_available()
@@ -244,7 +243,7 @@ def _assert_trains_like_fp32(half, full, unit_roundoff):
     assert len(half) == len(full) == STEPS
     assert abs(half[0]["loss"] - full[0]["loss"]) <= 4 * unit_roundoff * (1 + abs(full[0]["loss"]))
     for a, b in zip(half, full):
-        assert torch.isfinite(torch.tensor(a["loss"])) and a["bnf/skipped_steps"] == 0
+        assert torch.isfinite(torch.tensor(a["loss"])) and a["train/skipped_steps"] == 0
         tol = 8 * unit_roundoff * (1 + abs(b["loss"])) + 0.25 * abs(b["loss"] - full[0]["loss"])
         assert abs(a["loss"] - b["loss"]) <= tol, (a["step"], a["loss"], b["loss"], tol)
     assert [a["loss"] for a in half] != [b["loss"] for b in full]  # the half-precision run really was one

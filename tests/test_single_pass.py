@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TwoPassBNF
 from test_kernel import naive_token_logprobs
 from test_packing import setup  # noqa: F401  (fixture)
 
 from axolotl_bnf_plugin.data.collator import ResponseBatchCollator
-from axolotl_bnf_plugin.bnf_grad_rule import BNF_GRAD_RULE
 from axolotl_bnf_plugin.kernels import token_logprobs
-from axolotl_bnf_plugin.losses import bnf_loss, bnf_response_scale
-from axolotl_bnf_plugin.trainer import LossSettings, batch_loss
+from axolotl_bnf_plugin.methods.bnf import BNF, BNF_GRAD_RULE, bnf_loss, bnf_response_scale
+from axolotl_bnf_plugin.step_loss import LossSettings, batch_loss
 
 IMPLS = ["torch", "triton"]
 
@@ -108,7 +108,8 @@ def test_training_loss_single_pass_equals_two_pass(setup, packed, length_norm): 
     results = []
     for single_pass in (True, False):
         model.zero_grad()
-        settings = LossSettings("bnf", length_norm=length_norm, single_pass=single_pass)
+        method = BNF(length_norm=length_norm) if single_pass else TwoPassBNF(length_norm=length_norm)
+        settings = LossSettings(method)
         loss, metrics = batch_loss(model, batch, settings, reference=reference, normalizer=7.0)
         loss.backward()
         results.append((loss.detach(), dict(metrics), {n: p.grad.clone() for n, p in model.named_parameters()}))

@@ -82,6 +82,7 @@ def _log_worker(rank: int, port: int, out: str, sums: list[dict], counts: list[d
     import torch.distributed as dist
     from axolotl.core.trainers.base import AxolotlTrainer
 
+    from axolotl_bnf_plugin.metric_sums import MetricSums
     from axolotl_bnf_plugin.trainer import BNFTrainer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
@@ -90,8 +91,8 @@ def _log_worker(rank: int, port: int, out: str, sums: list[dict], counts: list[d
     trainer = BNFTrainer.__new__(BNFTrainer)
     tensors = lambda d: {k: torch.tensor(v, dtype=torch.float64) for k, v in d.items()}  # noqa: E731
     trainer.__dict__.update(accelerator=SimpleNamespace(device=torch.device("cpu")),
-                            _metric_sums={"train": {}, "eval": tensors(sums[rank])},
-                            _metric_counts={"train": {}, "eval": tensors(counts[rank])})
+                            metric_sums=MetricSums())
+    trainer.metric_sums.sums["eval"], trainer.metric_sums.counts["eval"] = tensors(sums[rank]), tensors(counts[rank])
     logs = {"eval_loss": 1.0, "eval_runtime": 1.0}  # as Trainer.evaluate logs, on every process
     trainer.log(logs)
     if rank == 0:  # a log only the main process makes (Axolotl's bench callback) must not wait for the other
@@ -145,7 +146,8 @@ def test_leading_examples_score_as_if_batched_alone(tiny_assets, method):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from axolotl_bnf_plugin.data.collator import ResponseBatchCollator
-    from axolotl_bnf_plugin.trainer import LossSettings, batch_loss, leading_examples
+    from axolotl_bnf_plugin.data.collator import leading_examples
+    from axolotl_bnf_plugin.step_loss import LossSettings, batch_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_assets / "model").eval()
     collator = ResponseBatchCollator(AutoTokenizer.from_pretrained(tiny_assets / "model"))
@@ -269,7 +271,7 @@ def test_decoder_hook_compiles_into_one_graph(tiny_assets):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from axolotl_bnf_plugin.data.collator import ResponseBatchCollator
-    from axolotl_bnf_plugin.trainer import LossSettings, batch_loss
+    from axolotl_bnf_plugin.step_loss import LossSettings, batch_loss
 
     eager = AutoModelForCausalLM.from_pretrained(tiny_assets / "model").train()
     reference = copy.deepcopy(eager).eval().requires_grad_(False)
@@ -327,7 +329,8 @@ def test_training_steps_leave_axolotls_peak_counters_alone(monkeypatch):
     from axolotl.core.trainers.base import AxolotlTrainer
     from axolotl.utils.bench import gpu_memory_usage_all
 
-    from axolotl_bnf_plugin.losses import Metrics
+    from axolotl_bnf_plugin.methods import Metrics
+    from axolotl_bnf_plugin.metric_sums import MetricSums
     from axolotl_bnf_plugin.numerics import StepGuard
     from axolotl_bnf_plugin.telemetry import PhaseMemory
     from axolotl_bnf_plugin.trainer import BNFTrainer
@@ -355,7 +358,7 @@ def test_training_steps_leave_axolotls_peak_counters_alone(monkeypatch):
         args=SimpleNamespace(include_tkps=False, average_tokens_across_devices=False),
         accelerator=SimpleNamespace(num_processes=1), phase_memory=PhaseMemory(torch.device("cuda", 0)),
         guard=StepGuard(3), _loss_and_metrics=forward, _examples_since_log=0,
-        _metric_sums={"train": {}, "eval": {}}, _metric_counts={"train": {}, "eval": {}})
+        metric_sums=MetricSums())
     model = SimpleNamespace(training=True)
     fake.alloc(100 * mib)  # weights, optimizer state
     for _ in range(2):

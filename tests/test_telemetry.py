@@ -6,7 +6,9 @@ import torch
 
 from axolotl_bnf_plugin.kernels import default_chunk_size
 from axolotl_bnf_plugin.telemetry import DisplacementMonitor, method_card, preflight, shift_metrics
-from axolotl_bnf_plugin.trainer import LossSettings
+from axolotl_bnf_plugin.methods.asft import ASFT
+from axolotl_bnf_plugin.methods.bnf import BNF
+from axolotl_bnf_plugin.step_loss import LossSettings
 
 
 def test_shift_metrics_by_hand():
@@ -58,8 +60,8 @@ def test_preflight_equals_the_formula():
 
 
 def test_method_card_names_method_formula_paper_and_reference():
-    bnf = method_card(LossSettings("bnf", length_norm="batch_min"), "a frozen copy of the initial policy", "on", False)
+    bnf = method_card(LossSettings(BNF(length_norm="batch_min")), "a frozen copy of the initial policy", "on", False)
     assert "2410.04834" in bnf and "q = min(p/p_ref, 1)" in bnf and "batch_min" in bnf and "frozen copy" in bnf
-    asft = method_card(LossSettings("asft", lam=0.5), "none", "eval only", True)
+    asft = method_card(LossSettings(ASFT(lam=0.5)), "none", "eval only", True)
     assert "Aligned Supervised Fine-Tuning" in asft and "not Anchored SFT" in asft and "lambda=0.5" in asft and "shift metrics: eval only" in asft
     assert "reference-free" in asft and "sample packing: on" in asft

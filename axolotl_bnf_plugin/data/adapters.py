@@ -68,7 +68,6 @@ class Fields:
     messages: str | None = None
     system: str = "system"
     chat_format: str = "auto"  # auto | chat | text: how plain-string prompts and responses are read
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dataset_config(cls, ds_cfg: dict[str, Any]) -> "Fields":
@@ -238,8 +237,12 @@ def parse_hh_transcript(text: str) -> list[Message]:
     return messages
 
 
+# The ranked format's column of `{"answer", "rank"}` dicts (it has no `field_*` override).
+RANKED_ANSWERS = "answers"
+
+
 def convert_ranked(row: dict[str, Any], fields: Fields) -> Candidate:
-    answers = _value(row, fields.extra.get("answers", "answers"))
+    answers = _value(row, RANKED_ANSWERS)
     if not isinstance(answers, list) or len(answers) < 2:
         raise Skip("fewer than 2 ranked answers")
     try:
@@ -303,7 +306,7 @@ def convert_sft(row: dict[str, Any], fields: Fields) -> Candidate:
 ADAPTERS: dict[str, Adapter] = {
     "pairs": Adapter("pairs", convert_pairs, lambda f: [[f.chosen, f.rejected]]),
     "hh": Adapter("hh", convert_hh, lambda f: [[f.chosen, f.rejected]]),
-    "ranked": Adapter("ranked", convert_ranked, lambda f: [[f.prompt, f.extra.get("answers", "answers")]]),
+    "ranked": Adapter("ranked", convert_ranked, lambda f: [[f.prompt, RANKED_ANSWERS]]),
     "unpaired": Adapter("unpaired", convert_unpaired, lambda f: [[f.completion, f.label]]),
     "sft": Adapter("sft", convert_sft, lambda f: [[f.messages]] if f.messages else
                    [["messages"], ["conversations"], ["instruction", "output"]]),

@@ -7,7 +7,7 @@ given then, so the model's attention keeps the responses apart (transformers bui
 causal mask from the position ids; flash-attention uses them as varlen boundaries).
 
 With `bnf_precompute_ref`, examples also carry their responses' reference log-probs, laid out like the
-labels in `ref_logps`. Either way the batch carries, per token, `response_index` (which response, -1 for padding) and, per
+labels in `ref_logps` (the name of that column in the examples too). Either way the batch carries, per token, `response_index` (which response, -1 for padding) and, per
 response, its `sign` (+1 / -1) and `pair_ids` (a pair's two responses share an id unique in the batch;
 -1 = unpaired). Labels are -100 on prompt and padding tokens and on the first token of every response
 (which has no predecessor inside its own sequence), so packed and unpacked batches score exactly the
@@ -15,18 +15,23 @@ same tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any
 
 import torch
 
 IGNORE_INDEX = -100
+# The initial policy's log-probs: an example's column (one list per response, one value per scored token,
+# `reference.py`) and the batch's key (laid out like the labels).
+REF_LOGPS = "ref_logps"
 
 
 @dataclass
 class ResponseBatchCollator:
     tokenizer: Any
-    padding: bool | str = True
+    # Axolotl's collator builder always passes `padding=True`; rows are always padded to the longest, so
+    # the value is accepted and not kept.
+    padding: InitVar[bool | str] = True
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
     # Rows of the model's output embedding (set by the trainer). The fused op indexes it with the labels
@@ -34,7 +39,7 @@ class ResponseBatchCollator:
     # is checked here, on the CPU, where the failing example can still be named.
     vocab_size: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self, padding):
         if self.return_tensors != "pt":
             raise ValueError(f"ResponseBatchCollator returns PyTorch tensors only, not {self.return_tensors!r}")
         pad = self.tokenizer.pad_token_id
@@ -54,7 +59,7 @@ class ResponseBatchCollator:
                 pair_id = example_number if example["is_pair"] else -1
                 example_number += 1
                 example_ids.append(int(example.get("example_id", -1)))
-                refs = example.get("response_ref_logps") or [None] * len(example["response_sign"])
+                refs = example.get(REF_LOGPS) or [None] * len(example["response_sign"])
                 for ids, plen, sign, ref in zip(example["response_input_ids"], example["response_prompt_len"],
                                                 example["response_sign"], refs):
                     segment = (list(ids), int(plen), len(signs), ref)
@@ -133,7 +138,7 @@ class ResponseBatchCollator:
         if not packed:
             batch["attention_mask"] = attention_mask
         if has_ref:
-            batch["ref_logps"] = ref_logps
+            batch[REF_LOGPS] = ref_logps
         return batch
 
 
@@ -169,3 +174,30 @@ def per_position(batch: dict[str, torch.Tensor], response_values: torch.Tensor) 
     response = batch["response_index"].view(-1)[scored + 1]
     out = response_values.new_zeros(rows * width)
     return out.index_put((scored,), response_values[response]).view(rows, width)
+
+
+def leading_examples(batch: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:
+    """The first `keep` examples of an unpacked collated batch, as the collator would have batched them.
+
+    Rows are responses in example order; a pair's two responses share a pair id, any other example has
+    one response. So the examples' responses are a prefix of the rows (trailing padding columns are harmless).
+    """
+    pair_ids = batch["pair_ids"]
+    starts = torch.ones_like(pair_ids, dtype=torch.bool)
+    starts[1:] = (pair_ids[1:] < 0) | (pair_ids[1:] != pair_ids[:-1])
+    example = starts.cumsum(0) - 1
+    if int(example[-1]) + 1 != batch["example_ids"].numel():
+        raise RuntimeError("cannot tell which responses belong to which example in this batch")
+    rows, width = batch["labels"].shape
+    kept_rows = int((example < keep).sum())
+    out = {}
+    for key, value in batch.items():
+        if key == "example_ids":
+            out[key] = value[:keep]
+        elif key == "scored_index":
+            out[key] = value[value < kept_rows * width]
+        elif torch.is_tensor(value) and value.dim() and value.shape[0] == rows:
+            out[key] = value[:kept_rows]
+        else:
+            out[key] = value
+    return out

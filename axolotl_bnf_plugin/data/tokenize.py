@@ -58,10 +58,6 @@ class TokenizedResponse:
     input_ids: list[int]
     prompt_len: int
 
-    @property
-    def completion_len(self) -> int:
-        return len(self.input_ids) - self.prompt_len
-
 
 class LengthPolicy:
     """`excess_length_strategy`: drop (default), truncate (the completion), or raise.

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from .fake import fake_grads, fake_rows
 from .logit_transform import LogitTransform
 from .schedule import vocab_slice_cols
 
@@ -191,8 +192,7 @@ def token_logprobs_op(
 
 @token_logprobs_op.register_fake
 def _(hidden, weight, bias, labels, scale, softcap, chunk_size, impl):
-    out = hidden.new_empty(labels.shape[0], dtype=torch.float32)
-    return out, torch.empty_like(out), torch.empty_like(out)
+    return fake_rows(hidden, labels, 3)
 
 
 @torch.library.custom_op("axolotl_bnf::token_logprobs_backward", mutates_args=())
@@ -218,9 +218,7 @@ def token_logprobs_backward_op(
 
 @token_logprobs_backward_op.register_fake
 def _(grad_logp, hidden, weight, bias, labels, lse, scale, softcap, chunk_size, impl, need_h, need_w, need_b):
-    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
-            torch.empty_like(weight) if need_w else weight.new_empty(0),
-            weight.new_empty(weight.shape[0]) if need_b else weight.new_empty(0))
+    return fake_grads(hidden, weight, need_h, need_w, need_b)
 
 
 def _setup_context(ctx, inputs, output):

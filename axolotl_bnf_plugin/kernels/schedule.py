@@ -26,14 +26,24 @@ DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
 MIN_SLICE_COLS = 1024
 
 
+def element_bytes(dtype: torch.dtype) -> int:
+    """Bytes of one element of a floating-point dtype (a materialised logit in the model's dtype)."""
+    return torch.finfo(dtype).bits // 8
+
+
 def bytes_per_logit(impl: str, dtype: torch.dtype, device_type: str = "cuda") -> int:
     """Bytes allocated per element of a `[rows, V]` logits block by implementation `impl`, at its peak."""
-    element = torch.finfo(dtype).bits // 8
+    element = element_bytes(dtype)
     if impl == "torch":
         return element + 8
     if impl == "triton":
         return element + (4 if device_type != "cuda" and element < 4 else 0)
     raise ValueError(f"impl must be 'torch' or 'triton', got {impl!r}")
+
+
+def block_bytes(rows: int, vocab_size: int, dtype: torch.dtype, impl: str = "torch", device_type: str = "cuda") -> int:
+    """Bytes one `[rows, vocab_size]` logits block takes with its temporaries: the op's workspace."""
+    return rows * vocab_size * bytes_per_logit(impl, dtype, device_type)
 
 
 def _round_rows(rows: int) -> int:
@@ -67,7 +77,7 @@ def vocab_slice_cols(rows: int, vocab_size: int, dtype: torch.dtype, impl: str =
     """
     per_logit = bytes_per_logit(impl, dtype, device_type)
     budget = workspace_bytes if chunk_size is None else chunk_size * vocab_size * per_logit
-    upcast_weight = 4 * hidden_size if device_type != "cuda" and torch.finfo(dtype).bits < 32 else 0
+    upcast_weight = 4 * hidden_size if device_type != "cuda" and element_bytes(dtype) < 4 else 0
     cols = budget // (max(rows, 1) * per_logit + upcast_weight)
     if cols >= vocab_size:
         return vocab_size

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from .chunked import GradBuffers, row_ops
+from .fake import fake_grads, fake_rows
 from .grad_rules import get_grad_rule, prescale
 from .logit_transform import LogitTransform
 
@@ -73,11 +74,8 @@ def single_pass_op(
 
 @single_pass_op.register_fake
 def _(hidden, weight, bias, labels, rule, a, b, scale, softcap, chunk_size, impl, need_h, need_w, need_b):
-    out = hidden.new_empty(labels.shape[0], dtype=torch.float32)
-    return (out, torch.empty_like(out), torch.empty_like(out), hidden.new_empty((), dtype=torch.float32),
-            torch.empty_like(hidden) if need_h else hidden.new_empty(0),
-            weight.new_empty(weight.shape, dtype=torch.float32) if need_w else weight.new_empty(0),
-            weight.new_empty(weight.shape[0], dtype=torch.float32) if need_b else weight.new_empty(0))
+    return (*fake_rows(hidden, labels, 3), hidden.new_empty((), dtype=torch.float32),
+            *fake_grads(hidden, weight, need_h, need_w, need_b, weight_dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):

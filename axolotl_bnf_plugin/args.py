@@ -1,0 +1,125 @@
+"""Every key the plugin adds to an Axolotl config, declared once: `BNFArgs`.
+
+`BNFArgs` is the keys every method shares (`PluginArgs`) merged with each registered method's own
+(`Method.options`, declared in that method's module). Axolotl validates configs against it
+(`BNFPlugin.get_input_args`); the training-arguments mixin (`training_args.py`), the values handed to it
+(`training_arg_values`) and the trainer's view of them (`plugin_settings`) are all derived from its fields.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .methods import all_options, method_class, method_names
+
+# Config-only keys: the raw dataset entries the loader reads from the config, not from the training arguments.
+CONFIG_ONLY = ("bnf_datasets", "bnf_test_datasets")
+
+
+class PluginArgs(BaseModel):
+    """The keys every method shares."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    bnf_loss_chunk_size: int | None = Field(
+        default=None,
+        ge=1,
+        json_schema_extra={
+            "description": "Token rows per logits block in the fused log-prob op. Default: as many as fit a "
+            "256 MiB workspace for the model's vocabulary."
+        },
+    )
+    bnf_kernel_impl: Literal["auto", "torch", "triton"] = Field(
+        default="auto",
+        json_schema_extra={
+            "description": "Implementation of the fused log-prob op: auto (Triton on CUDA, else PyTorch), "
+            "torch, or triton."
+        },
+    )
+    bnf_precompute_ref: bool = Field(
+        default=False,
+        json_schema_extra={
+            "description": "BNF: compute the reference log-probs once before training (with the fused op) and "
+            "store them with the prepared data, so training holds no reference model."
+        },
+    )
+    bnf_max_bad_steps: int = Field(
+        default=10,
+        ge=1,
+        json_schema_extra={
+            "description": "Stop training after this many consecutive optimiser steps with a non-finite loss or "
+            "gradient (each such step is skipped and counted)."
+        },
+    )
+    bnf_shift_metrics: bool = Field(
+        default=True,
+        json_schema_extra={
+            "description": "Log shift/chosen, shift/rejected, shift/chosen_down_frac (per-token log-prob change "
+            "since the start of training). Free for BNF (it has the reference). For ASFT the initial policy "
+            "scores the eval set once before training (cached like bnf_precompute_ref), so the shift is logged "
+            "at evaluation; see asft_shift_on_train for the training set."
+        },
+    )
+    asft_shift_on_train: bool = Field(
+        default=False,
+        json_schema_extra={
+            "description": "ASFT: also log shift/* during training, from a baseline scored over the whole training "
+            "set before step 1: one forward pass over the training data (about a third of an epoch's compute, "
+            "split across processes, cached)."
+        },
+    )
+    bnf_displacement_patience: int = Field(
+        default=10,
+        ge=1,
+        json_schema_extra={
+            "description": "Warn (once) when shift/chosen has fallen for this many consecutive logging steps."
+        },
+    )
+    bnf_datasets: list[dict[str, Any]] | None = Field(
+        default=None, json_schema_extra={"description": "Verbatim copy of `datasets:` kept by the plugin."}
+    )
+    bnf_test_datasets: list[dict[str, Any]] | None = Field(
+        default=None, json_schema_extra={"description": "Verbatim copy of `test_datasets:` kept by the plugin."}
+    )
+
+
+class BNFArgs(*all_options(), PluginArgs):
+    """Keys the plugin adds to an Axolotl config (merged into Axolotl's own schema)."""
+
+    bnf_rl: Literal[method_names()] | None = Field(
+        default=None,
+        json_schema_extra={"description": "Set from `rl: <method>` by the plugin; not written by hand."},
+    )
+
+    @model_validator(mode="after")
+    def _options_apply_to_method(self):
+        if self.bnf_rl is None:
+            return self
+        method = method_class(self.bnf_rl)
+        with_reference = ", ".join(name for name in method_names() if method_class(name).needs_ref_logps)
+        reference_free = ", ".join(name for name in method_names() if not method_class(name).needs_ref_logps)
+        if self.bnf_precompute_ref and not method.needs_ref_logps:
+            raise ValueError(f"bnf_precompute_ref applies to rl: {with_reference} only: {method.name.upper()} uses "
+                             "no reference model")
+        if self.asft_shift_on_train and method.needs_ref_logps:
+            raise ValueError(f"asft_shift_on_train applies to rl: {reference_free} only: {method.name.upper()}'s "
+                             "shift metrics come with its reference")
+        return self
+
+
+TRAINING_KEYS = tuple(name for name in BNFArgs.model_fields if name not in CONFIG_ONLY)
+
+
+def training_arg_values(cfg: Any) -> dict[str, Any]:
+    """The training arguments' plugin values from a validated config (a key it lacks takes its default)."""
+    values = {}
+    for name in TRAINING_KEYS:
+        value = cfg.get(name)
+        values[name] = BNFArgs.model_fields[name].default if value is None else value
+    return values
+
+
+def plugin_settings(args: Any) -> BNFArgs:
+    """The plugin's keys read back from the training arguments (or any object with them), validated."""
+    return BNFArgs.model_validate({name: getattr(args, name) for name in TRAINING_KEYS if hasattr(args, name)})
