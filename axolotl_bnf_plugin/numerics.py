@@ -92,7 +92,7 @@ class StepGuard:
             self._warned = True
             LOG.warning(
                 "non-finite loss or gradient: optimiser step skipped (examples %s). Further skips are counted "
-                "in train/skipped_steps; training stops after %d consecutive ones (bnf_max_bad_steps).",
+                "in skipped_steps; training stops after %d consecutive ones (bnf_max_bad_steps).",
                 example_ids, self.max_bad_steps,
             )
         if self.consecutive >= self.max_bad_steps:

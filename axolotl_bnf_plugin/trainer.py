@@ -29,7 +29,7 @@ LOG = get_logger(__name__)
 
 # Metrics the trainer itself logs at every training log, whatever the method (the method's own come from
 # its loss). "examples_seen" is read back from the log history when a run resumes; the name before 0.2 too.
-SKIPPED_STEPS, EXAMPLES_SEEN = "train/skipped_steps", "train/examples_seen"
+SKIPPED_STEPS, EXAMPLES_SEEN = "skipped_steps", "examples_seen"
 _EXAMPLES_SEEN_BEFORE = "bnf/examples_seen"
 
 

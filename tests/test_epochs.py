@@ -1,7 +1,7 @@
 """`num_epochs` without `max_steps`: one pass over the training data per epoch, on any number of processes.
 
 The step count is asserted against the row count of the data file (never against the plugin's own step
-formula), and the examples each step processed are counted by the trainer (`train/examples_seen`, summed over
+formula), and the examples each step processed are counted by the trainer (`examples_seen`, summed over
 processes), so a run that stops after half the data, or runs into a second epoch, fails.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_one_epoch_sees_every_example_once(tiny_assets, tmp_path, processes):
     records = _train_records(tmp_path)
     assert rows % (micro_batch * processes) == 0  # no partial batch: one pass is exactly this many steps
     assert len(records) == rows // (micro_batch * processes)
-    assert records[-1]["train/examples_seen"] == rows
+    assert records[-1]["examples_seen"] == rows
     assert records[-1]["epoch"] == pytest.approx(1.0)
 
 
@@ -51,7 +51,7 @@ def test_two_epochs_on_two_processes_see_every_example_twice(tiny_assets, tmp_pa
     run_torchrun(cfg, tmp_path, 2)
     records = _train_records(tmp_path)
     assert len(records) == 2 * rows // (2 * 2 * 2)
-    assert records[-1]["train/examples_seen"] == 2 * rows
+    assert records[-1]["examples_seen"] == 2 * rows
     assert records[-1]["epoch"] == pytest.approx(2.0)
 
 
@@ -64,7 +64,7 @@ def test_packed_epoch_on_two_processes_sees_every_example_once(tiny_assets, tmp_
                       sample_packing=True, sequence_len=256, bnf_shift_metrics=False)
     proc = run_torchrun(cfg, tmp_path, 2)
     records = _train_records(tmp_path)
-    assert records[-1]["train/examples_seen"] == rows
+    assert records[-1]["examples_seen"] == rows
     assert records[-1]["epoch"] == pytest.approx(1.0, abs=1e-6)
     assert "bin(s) repeated" not in proc.stdout + proc.stderr
 

@@ -63,7 +63,7 @@ def test_train_raises_chosen_over_rejected(tiny_assets, tmp_path, method, lora):
     assert expected <= set(train_logs[-1]), sorted(set(train_logs[-1]))
     # Telemetry: likelihood shifts (ASFT against a once-scored step-0 baseline), memory pre-flight and
     # per-phase memory, the method card, and plots written at the end.
-    assert {"shift/chosen", "shift/rejected", "shift/chosen_down_frac", "train/skipped_steps"} <= set(train_logs[-1])
+    assert {"shift/chosen", "shift/rejected", "shift/chosen_down_frac", "skipped_steps"} <= set(train_logs[-1])
     assert abs(train_logs[0]["shift/chosen"]) < 1e-4  # the first step is scored at the starting weights
     assert train_logs[-1]["shift/chosen"] > train_logs[-1]["shift/rejected"]
     assert "memory/preflight_full_logits_bytes" in train_logs[0]
@@ -243,7 +243,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_assets, tmp_path, poisoned_
     assert proc.returncode == 0, out[-3000:]
     assert "non-finite loss or gradient: optimiser step skipped (examples [3])" in out
     history = [json.loads(line) for line in (tmp_path / "run" / LOG_HISTORY_FILE).read_text().splitlines()]
-    assert [r for r in history if "loss" in r][-1]["train/skipped_steps"] == 1
+    assert [r for r in history if "loss" in r][-1]["skipped_steps"] == 1
     weights = load_file(str(tmp_path / "run" / "model.safetensors"))
     unk = 4
     for name, tensor in weights.items():
