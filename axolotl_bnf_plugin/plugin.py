@@ -103,7 +103,7 @@ class BNFPlugin(BasePlugin):
 
             callbacks += [LogHistoryWriter(), PlotOnTrainEnd()]
         if cfg.bnf_compare_probe:  # any trainer: the same probe for Axolotl's DPO family and the plugin's methods
-            from .probe_callback import LikelihoodProbe
+            from .compare.callback import LikelihoodProbe
 
             callbacks.append(LikelihoodProbe(cfg, trainer))
         return callbacks

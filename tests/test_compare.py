@@ -12,7 +12,7 @@ import torch
 import yaml
 from conftest import AXOLOTL_ENV, base_config, run_axolotl
 
-from axolotl_bnf_plugin.compare_config import (
+from axolotl_bnf_plugin.compare.configs import (
     PLUGIN_LINE,
     CompareConfigError,
     check_methods,
@@ -20,7 +20,7 @@ from axolotl_bnf_plugin.compare_config import (
     derive_configs,
 )
 from axolotl_bnf_plugin.kernels import token_logprobs
-from axolotl_bnf_plugin.probe import PROBE_EXAMPLES_FILE, PROBE_LOG_FILE, ProbeScores, probe_metrics, score_probe
+from axolotl_bnf_plugin.compare.probe import PROBE_EXAMPLES_FILE, PROBE_LOG_FILE, ProbeScores, probe_metrics, score_probe
 from axolotl_bnf_plugin.telemetry import DOWN_TOLERANCE
 
 

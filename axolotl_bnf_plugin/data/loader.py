@@ -258,7 +258,7 @@ def _prepare_split(cfg, tokenizer, raw_datasets: list[dict], split: str) -> tupl
 
 def prepare_examples(cfg, tokenizer, raw_datasets: list[dict], split: str) -> Dataset:
     """The example rows of `raw_datasets` (verbatim config entries), prepared as for training but not cached:
-    what the likelihood probe scores (`data.probe_set`)."""
+    what the likelihood probe scores (`compare.probe_set`)."""
     return _prepare_split(cfg, tokenizer, raw_datasets, split)[0]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .methods import method_names
+from ..methods import method_names
 
 PLUGIN_LINE = "axolotl_bnf_plugin.BNFPlugin"
 # Axolotl's own preference trainers this command can run, and how Axolotl (0.19 - 0.21) selects each.

@@ -43,9 +43,9 @@ class LikelihoodProbe(TrainerCallback):
     def _setup(self, model) -> None:
         from axolotl.loaders import load_tokenizer
 
-        from .data.collator import ResponseBatchCollator
-        from .data.probe_set import probe_examples
-        from .trainer import output_vocab_size
+        from ..data.collator import ResponseBatchCollator
+        from .probe_set import probe_examples
+        from ..trainer import output_vocab_size
 
         tokenizer = load_tokenizer(self.cfg)
         self.source, self.examples = probe_examples(self.cfg, tokenizer)

@@ -1,10 +1,10 @@
 """Compare preference methods on one config: `python -m axolotl_bnf_plugin.compare config.yml --methods dpo bnf asft`.
 
-Given an ordinary Axolotl config without `rl:`, it writes one config per method (`compare_config`), trains
+Given an ordinary Axolotl config without `rl:`, it writes one config per method (`configs`), trains
 each with `axolotl train` in a subprocess (so every run is exactly what a user of that method gets: Axolotl's
 own trainer for dpo / ipo / simpo / orpo, the plugin's for bnf / asft), and reads back what the plugin's
-probe logged in each (`probe_callback`: the same pairs scored the same way in every run). It then writes the
-table and the two figures under the config's `output_dir` (`compare_report`) and prints the table.
+probe logged in each (`callback`: the same pairs scored the same way in every run). It then writes the
+table and the two figures under the config's `output_dir` (`report`) and prints the table.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .compare_config import CompareConfigError, derive_configs, known_methods
+from .configs import CompareConfigError, derive_configs, known_methods
 
 DEFAULT_METHODS = ("dpo", "bnf", "asft")
 
@@ -70,7 +70,7 @@ def run_method(method: str, cfg: dict, config_dir: Path, log_dir: Path) -> float
 def compare(config_path: str | Path, methods: list[str], probe_size: int | None = None,
             report_only: bool = False) -> str:
     """Derive, train (unless `report_only`) and report; returns the table."""
-    from .compare_report import write_report
+    from .report import write_report
 
     cfg = read_config(config_path)
     configs = derive_configs(cfg, methods, probe_size, path=str(config_path))
@@ -90,7 +90,7 @@ def compare(config_path: str | Path, methods: list[str], probe_size: int | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m axolotl_bnf_plugin.compare", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="an Axolotl config without `rl:` (the plugin line is optional)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                         help=f"methods to train and compare (default: {' '.join(DEFAULT_METHODS)}); "
@@ -111,5 +111,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # also `python -m axolotl_bnf_plugin.compare` (__main__.py)
     sys.exit(main())

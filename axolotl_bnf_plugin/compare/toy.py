@@ -103,7 +103,7 @@ def compare_config(out: Path, max_steps: int, probe_size: int) -> dict:
 
 def build_displacement_assets(out_dir: str | Path, n_rows: int = 128, n_test: int = 32, seed: int = 0,
                               warmup_steps: int = 150, max_steps: int = 60) -> Path:
-    from .tiny import build_model, build_tokenizer
+    from ..tiny import build_model, build_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

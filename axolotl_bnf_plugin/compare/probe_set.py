@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from axolotl.utils.dict import DictDefault
 
-from .loader import prepare_examples
+from ..data.loader import prepare_examples
 
 EXAMPLE_COLUMNS = ("response_input_ids", "response_prompt_len", "response_sign", "is_pair")
 

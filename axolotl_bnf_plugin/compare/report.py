@@ -1,6 +1,6 @@
 """The comparison's outputs, from the runs' probe logs: one table and one figure per view.
 
-Reads `<output_dir>/<method>/probe_log.jsonl` (written by `probe_callback.LikelihoodProbe`) and writes under
+Reads `<output_dir>/<method>/probe_log.jsonl` (written by `callback.LikelihoodProbe`) and writes under
 `<output_dir>`: `compare_table.md` and `compare_table.json` (one row per method, the values of its last probe
 scoring and its run summary), `compare_likelihood.png` (per-token log-prob change of chosen and rejected
 responses, and the fraction of chosen responses that went down) and `compare_logits.png` (the label logit

@@ -4,7 +4,7 @@ The BNF paper's evidence is about how the likelihoods of preferred and disprefer
 DPO-family losses versus BNF. To compare methods on one footing, every run scores the *same* pairs with the
 *same* code: the package's collator and fused op (`model_io.response_token_logps`), no gradient, eval mode,
 once with the initial policy and again at later steps. This module holds that scoring and the metrics
-computed from two scorings (`probe_metrics`); `probe_callback.py` runs it inside any Trainer.
+computed from two scorings (`probe_metrics`); `callback.py` runs it inside any Trainer.
 
 Per scored token t of a response, with z the (transformed) logits of the position:
     log p_t = z_y - log Z,  log Z = logsumexp_v z_v.
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .data.collator import response_rows
-from .initial_policy import eval_mode
-from .model_io import response_token_logps
-from .telemetry import DOWN_TOLERANCE
+from ..data.collator import response_rows
+from ..initial_policy import eval_mode
+from ..model_io import response_token_logps
+from ..telemetry import DOWN_TOLERANCE
 
 PROBE_LOG_FILE = "probe_log.jsonl"
 PROBE_BASELINE_FILE = "probe_baseline.pt"
