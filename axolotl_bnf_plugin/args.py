@@ -76,6 +76,24 @@ class PluginArgs(BaseModel):
             "description": "Warn (once) when shift/chosen has fallen for this many consecutive logging steps."
         },
     )
+    bnf_compare_probe: bool = Field(
+        default=False,
+        json_schema_extra={
+            "description": "Score a fixed probe set of pairs (test_datasets, else the first bnf_compare_probe_size "
+            "pairs of datasets) with the initial policy and again at every logging / saving / eval step, with the "
+            "fused op under no_grad in eval mode, and write probe/* likelihood- and logit-shift metrics to "
+            "OUTPUT_DIR/probe_log.jsonl. Works with any trainer, Axolotl's rl: dpo / ipo / simpo / orpo "
+            "included (the plugin line must be in the config); what `python -m axolotl_bnf_plugin.compare` reads."
+        },
+    )
+    bnf_compare_probe_size: int = Field(
+        default=64,
+        ge=1,
+        json_schema_extra={
+            "description": "Pairs in the probe set (bnf_compare_probe): the first this many usable pairs of "
+            "test_datasets (or of datasets when there is none)."
+        },
+    )
     bnf_datasets: list[dict[str, Any]] | None = Field(
         default=None, json_schema_extra={"description": "Verbatim copy of `datasets:` kept by the plugin."}
     )

@@ -213,12 +213,18 @@ def translate_raw_config(cfg: dict) -> str | None:
     """
     rl = cfg.get("rl")
     if not isinstance(rl, str) or rl.strip().lower() not in method_names():
+        if cfg.get("bnf_compare_probe"):  # the probe reads the data set entries under any trainer
+            _keep_dataset_entries(cfg)
         return cfg.get("bnf_rl")
     method = rl.strip().lower()
     _check_raw_config(cfg, method)
     cfg["bnf_rl"] = method
     del cfg["rl"]
+    _keep_dataset_entries(cfg)
+    return method
+
+
+def _keep_dataset_entries(cfg: dict) -> None:
     for source, kept in DATASET_KEYS:
         if cfg.get(source) is not None:
             cfg[kept] = _plain(cfg[source])
-    return method

@@ -303,7 +303,7 @@ def forward_hidden(model, batch: dict[str, torch.Tensor], router_aux: bool = Fal
 
 def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
                          check_head: bool = False, impl: str = "auto", grad_rule=None, grad_inputs=None,
-                         router_aux: bool = False):
+                         router_aux: bool = False, with_lse: bool = False):
     """Per-token (logp, neg_entropy, scored mask), each `[R, L]`, of every row's own next tokens.
 
     Position t scores label t + 1 (the usual causal shift); only tokens whose label is not -100 are
@@ -311,7 +311,9 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
     last-position logits are compared with the op's projection first (see `check_head_matches`).
     `grad_rule` / `grad_inputs`: a loss's gradient rule and its per-position inputs `[R, L]`, for the
     single-pass gradient (see `kernels.token_logprobs`). With `router_aux` (the policy's forward), a fourth
-    item: the router load-balancing loss, or None (see `forward_hidden`).
+    item: the router load-balancing loss, or None (see `forward_hidden`). With `with_lse` (scoring only), an
+    item after the mask: each position's log-partition log Z `[R, L]` (0 where unscored), so the label logit
+    is `logp + log Z` (`kernels.token_logprobs(return_lse=True)`), from the same chunks, no extra pass.
     """
     hidden, last_logits, *aux = forward_hidden(model, batch, router_aux=router_aux)
     rows, length, width = hidden.shape
@@ -336,16 +338,18 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
                 row_index=batch.get("scored_index"),
                 grad_rule=grad_rule,
                 grad_inputs=grad_inputs,
+                return_lse=with_lse,
             )
         finally:
             head.release()
 
     head_module = unwrap(model).get_output_embeddings()
     if hasattr(head_module.weight, "ds_id"):
-        logp, neg_entropy = _score_inside_head_call(head_module, score, hidden.reshape(-1, width))
+        logp, neg_entropy, *lse = _score_inside_head_call(head_module, score, hidden.reshape(-1, width))
     else:
-        logp, neg_entropy = score(hidden.reshape(-1, width))
-    return (logp.view(rows, length), neg_entropy.view(rows, length), targets != IGNORE_INDEX, *aux)
+        logp, neg_entropy, *lse = score(hidden.reshape(-1, width))
+    return (logp.view(rows, length), neg_entropy.view(rows, length), targets != IGNORE_INDEX,
+            *(t.view(rows, length) for t in lse), *aux)
 
 
 def _score_inside_head_call(head_module: torch.nn.Module, score, flat_hidden: torch.Tensor):

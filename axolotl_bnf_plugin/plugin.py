@@ -97,9 +97,14 @@ class BNFPlugin(BasePlugin):
             trainer.attach_reference_logps(cfg.dataset_prepared_path or DEFAULT_DATASET_PREPARED_PATH)
 
     def add_callbacks_post_trainer(self, cfg, trainer):
-        if not cfg.bnf_rl:
-            return []
-        from .callbacks import LogHistoryWriter, PlotOnTrainEnd
+        callbacks = []
+        if cfg.bnf_rl:
+            from .callbacks import LogHistoryWriter, PlotOnTrainEnd
 
-        return [LogHistoryWriter(), PlotOnTrainEnd()]
+            callbacks += [LogHistoryWriter(), PlotOnTrainEnd()]
+        if cfg.bnf_compare_probe:  # any trainer: the same probe for Axolotl's DPO family and the plugin's methods
+            from .compare.callback import LikelihoodProbe
+
+            callbacks.append(LikelihoodProbe(cfg, trainer))
+        return callbacks
 

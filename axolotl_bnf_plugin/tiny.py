@@ -313,7 +313,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--displacement", action="store_true",
+                        help="build the likelihood-displacement toy instead (compare/toy.py): near-identical "
+                             "math solutions, an SFT-warmed model and a compare.yml for axolotl_bnf_plugin.compare")
+    parser.add_argument("--warmup-steps", type=int, default=150, help="--displacement: SFT steps before saving")
+    parser.add_argument("--max-steps", type=int, default=60, help="--displacement: max_steps of compare.yml")
     args = parser.parse_args(argv)
+    if args.displacement:
+        from .compare.toy import build_displacement_assets
+
+        print(build_displacement_assets(args.out_dir, n_rows=args.rows if args.rows != 64 else 128, seed=args.seed,
+                                        warmup_steps=args.warmup_steps, max_steps=args.max_steps))
+        return
     print(build_assets(args.out_dir, n_rows=args.rows, seed=args.seed))
 
 

@@ -256,6 +256,12 @@ def _prepare_split(cfg, tokenizer, raw_datasets: list[dict], split: str) -> tupl
     return merge_datasets(prepared, cfg), report
 
 
+def prepare_examples(cfg, tokenizer, raw_datasets: list[dict], split: str) -> Dataset:
+    """The example rows of `raw_datasets` (verbatim config entries), prepared as for training but not cached:
+    what the likelihood probe scores (`compare.probe_set`)."""
+    return _prepare_split(cfg, tokenizer, raw_datasets, split)[0]
+
+
 def format_report(report: list[tuple]) -> str:
     """A fixed-width table (one line per data set, one column per status), then, for every reason rows
     were dropped, where: `datasets[0] (a.jsonl): too long: lines 4, 9, 17 (+3 more)`.

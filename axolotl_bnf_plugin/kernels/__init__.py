@@ -60,7 +60,8 @@ def token_logprobs(
     row_index: torch.Tensor | None = None,
     grad_rule: GradRule | str | None = None,
     grad_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Per-row label log-prob and negative entropy of `softcap(scale * (hidden @ weight.T + bias))`.
 
     Args:
@@ -82,9 +83,13 @@ def token_logprobs(
             b)` per row, is then built during the forward (one logits pass instead of two). Backward checks
             that the upstream gradient is that one up to a constant factor. Ignored when no gradient is
             needed.
+        return_lse: also return each row's log-partition `log Z = logsumexp_v z_v` (of the transformed
+            logits), which the op computes anyway: the label's logit is then `z_y = logp + log Z`. Value
+            only, and only without a gradient rule's pass (it is for scoring, not for training).
 
     Returns:
-        `(logp, neg_entropy)`, both fp32 `[N]`; `neg_entropy` carries no gradient.
+        `(logp, neg_entropy)`, both fp32 `[N]`; `neg_entropy` carries no gradient. With `return_lse`, a third
+        fp32 `[N]`: log Z (0 on unscored rows).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
         raise ValueError(
@@ -101,6 +106,8 @@ def token_logprobs(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if (grad_rule is None) != (grad_inputs is None):
         raise ValueError("grad_rule and grad_inputs go together: pass both or neither")
+    if return_lse and grad_rule is not None:
+        raise ValueError("return_lse is for scoring: it cannot be combined with a grad_rule")
     rule = get_grad_rule(grad_rule if isinstance(grad_rule, str) else grad_rule.name) if grad_rule is not None else None
     LogitTransform(scale=scale, softcap=softcap)  # validates the values
     impl = resolve_impl(impl, hidden.device)
@@ -137,11 +144,13 @@ def token_logprobs(
                 rows(hidden), weight, bias, scored, rule.name, a, b, scale, softcap, chunk_size, impl, *need
             )
         else:
-            logp_s, neg_entropy_s, _ = token_logprobs_op(
+            logp_s, neg_entropy_s, lse_s = token_logprobs_op(
                 rows(hidden), weight, bias, scored, scale, softcap, chunk_size, impl
             )
+    extra = (lse_s.detach(),) if return_lse else ()
     if every_row:
-        return logp_s, neg_entropy_s.detach()
+        return (logp_s, neg_entropy_s.detach(), *extra)
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_copy(0, row_index, logp_s)
-    neg_entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_copy(0, row_index, neg_entropy_s.detach())
-    return logp, neg_entropy
+    neg_entropy, *extra = (torch.zeros(n, dtype=torch.float32, device=hidden.device).index_copy(0, row_index, t)
+                           for t in (neg_entropy_s.detach(), *extra))
+    return (logp, neg_entropy, *extra)
