@@ -27,20 +27,24 @@ def _load_policy(assets, run_dir, lora: bool):
 
 
 @torch.no_grad()
-def _mean_margin(model, tokenizer, rows) -> float:
-    """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt), from full logits."""
-    margins = []
+def _mean_logps(model, tokenizer, rows) -> tuple[float, float]:
+    """Mean over pairs of log p(chosen | prompt) and of log p(rejected | prompt), from full logits."""
+    sums = [0.0, 0.0]
     for row in rows:
         prompt = (f"<|im_start|>system\n{row['system']}<|im_end|>\n<|im_start|>user\n{row['question']}<|im_end|>\n"
                   "<|im_start|>assistant\n")
-        scores = []
-        for answer in (row["chosen"], row["rejected"]):
+        for side, answer in enumerate((row["chosen"], row["rejected"])):
             p_len = len(tokenizer(prompt)["input_ids"])
             ids = torch.tensor([tokenizer(prompt + answer + "<|im_end|>")["input_ids"]])
             logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
-            scores.append(logp[p_len - 1:].sum().item())
-        margins.append(scores[0] - scores[1])
-    return sum(margins) / len(margins)
+            sums[side] += logp[p_len - 1:].sum().item()
+    return sums[0] / len(rows), sums[1] / len(rows)
+
+
+def _mean_margin(model, tokenizer, rows) -> float:
+    """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt), from full logits."""
+    chosen, rejected = _mean_logps(model, tokenizer, rows)
+    return chosen - rejected
 
 
 @pytest.mark.parametrize("method", ["bnf", "asft"])
