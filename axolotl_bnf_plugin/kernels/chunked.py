@@ -28,6 +28,7 @@ import torch
 from .fake import fake_grads, fake_rows
 from .logit_transform import LogitTransform
 from .schedule import vocab_slice_cols
+from .workspace import Workspace
 
 IMPLS = ("torch", "triton")
 LOG = logging.getLogger(__name__)
@@ -82,15 +83,14 @@ def add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl):
-    ops, transform = row_ops(impl), LogitTransform(scale=scale, softcap=softcap)
+    ops, transform, workspace = row_ops(impl), LogitTransform(scale=scale, softcap=softcap), Workspace()
     n = labels.shape[0]
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     neg_entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        block = torch.nn.functional.linear(hidden[start:stop], weight, bias)
-        lse_c, z_y, expected_z = ops.stats(block, labels[start:stop], transform)
-        del block
+        block = workspace.project(hidden[start:stop], weight, bias)
+        lse_c, z_y, expected_z = ops.stats(block, labels[start:stop], transform, workspace)
         lse[start:stop] = lse_c
         logp[start:stop] = z_y - lse_c
         neg_entropy[start:stop] = expected_z - lse_c
@@ -129,14 +129,14 @@ class GradBuffers:
 
 def _backward_by_rows(grad_logp, hidden, weight, bias, labels, lse, transform, ops, chunk_size, need_h, need_w,
                       need_b):
-    grads = GradBuffers(hidden, weight, need_h, need_w, need_b)
+    grads, workspace = GradBuffers(hidden, weight, need_h, need_w, need_b), Workspace()
     for start in range(0, labels.shape[0], chunk_size):
         stop = min(start + chunk_size, labels.shape[0])
         h_c = hidden[start:stop]
-        block = torch.nn.functional.linear(h_c, weight, bias)
-        ops.dlogits_(block, labels[start:stop], lse[start:stop], grad_logp[start:stop], transform)
-        grads.add(block, h_c, start, stop)
-        del block
+        block = workspace.project(h_c, weight, bias)
+        dlogits = ops.dlogits_(block, labels[start:stop], lse[start:stop], grad_logp[start:stop], transform,
+                               workspace=workspace)
+        grads.add(dlogits, h_c, start, stop)
     return grads.result()
 
 
@@ -147,17 +147,17 @@ def _backward_by_vocab(grad_logp, hidden, weight, bias, labels, lse, transform, 
     # d hidden accumulates in fp32; an fp32 hidden's output is its own accumulator.
     acc_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
     grad_h = hidden.new_empty(0) if not need_h else acc_h if hidden.dtype == torch.float32 else torch.empty_like(hidden)
+    workspace = Workspace()
     for v0 in range(0, weight.shape[0], cols):
         v1 = min(v0 + cols, weight.shape[0])
         w_s = weight[v0:v1]
-        block = torch.nn.functional.linear(hidden, w_s, bias[v0:v1] if bias is not None else None)
-        ops.dlogits_(block, labels, lse, grad_logp, transform, col_offset=v0)
-        torch.mm(block.t(), hidden, out=grad_w[v0:v1])
+        block = workspace.project(hidden, w_s, bias[v0:v1] if bias is not None else None)
+        dlogits = ops.dlogits_(block, labels, lse, grad_logp, transform, col_offset=v0, workspace=workspace)
+        torch.mm(dlogits.t(), hidden, out=grad_w[v0:v1])
         if need_b:
-            grad_b[v0:v1] = block.sum(0, dtype=torch.float32)
+            grad_b[v0:v1] = dlogits.sum(0, dtype=torch.float32)
         if need_h:
-            add_product_(acc_h, block, w_s)
-        del block
+            add_product_(acc_h, dlogits, w_s)
     if need_h and acc_h is not grad_h:
         grad_h.copy_(acc_h)
         del acc_h

@@ -6,8 +6,8 @@ The block's cost per logit depends on the implementation:
 - `triton`: the block itself, in the inputs' dtype; the row kernels read and overwrite it in place and
   allocate nothing. (On CPU, under the interpreter, the `d weight` product of a half-precision block needs
   an fp32 copy of it: 4 more bytes.)
-- `torch`: the block plus at most two fp32 `[rows, V]` temporaries alive at once in `torch_rows` (the
-  upcast logits and the exponentials / d logits): 8 more bytes.
+- `torch`: the block plus one fp32 scratch block (the exponentials / d logits, `torch_rows`) and, for a
+  half-precision block, its fp32 upcast: 4 more bytes for fp32, 8 for half precision.
 
 Large blocks matter for speed as much as small ones for memory: every row chunk re-reads the whole
 `[V, H]` weight and, when `d weight` is accumulated over row chunks, reads and writes its fp32
@@ -35,7 +35,7 @@ def bytes_per_logit(impl: str, dtype: torch.dtype, device_type: str = "cuda") ->
     """Bytes allocated per element of a `[rows, V]` logits block by implementation `impl`, at its peak."""
     element = element_bytes(dtype)
     if impl == "torch":
-        return element + 8
+        return element + 4 + (4 if element < 4 else 0)
     if impl == "triton":
         return element + (4 if device_type != "cuda" and element < 4 else 0)
     raise ValueError(f"impl must be 'torch' or 'triton', got {impl!r}")

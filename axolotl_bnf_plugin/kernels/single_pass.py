@@ -27,6 +27,7 @@ from .chunked import GradBuffers, row_ops
 from .fake import fake_grads, fake_rows
 from .grad_rules import get_grad_rule, prescale
 from .logit_transform import LogitTransform
+from .workspace import Workspace
 
 
 def _forward(hidden, weight, bias, labels, rule_name, a, b, scale, softcap, chunk_size, impl, need_h, need_w,
@@ -36,15 +37,14 @@ def _forward(hidden, weight, bias, labels, rule_name, a, b, scale, softcap, chun
     n = labels.shape[0]
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     neg_entropy, grad_logp = torch.empty_like(logp), torch.empty_like(logp)
-    grads = GradBuffers(hidden, weight, need_h, need_w, need_b)
+    grads, workspace = GradBuffers(hidden, weight, need_h, need_w, need_b), Workspace()
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         h_c = hidden[start:stop]
-        block = torch.nn.functional.linear(h_c, weight, bias)
-        logp[start:stop], neg_entropy[start:stop], grad_logp[start:stop] = ops.rule_pass_(
-            block, labels[start:stop], rule, a[start:stop], b[start:stop], factor, transform)
-        grads.add(block, h_c, start, stop)
-        del block
+        block = workspace.project(h_c, weight, bias)
+        logp[start:stop], neg_entropy[start:stop], grad_logp[start:stop], dlogits = ops.rule_pass_(
+            block, labels[start:stop], rule, a[start:stop], b[start:stop], factor, transform, workspace)
+        grads.add(dlogits, h_c, start, stop)
     return (logp, neg_entropy, grad_logp, factor, *grads.result(keep_fp32=True))
 
 

@@ -10,6 +10,7 @@
   function passed as a compile-time argument), then the d logits written over the row, in one launch. The
   second read of the row follows the first closely, while the row is still in L2.
 All arithmetic is fp32 whatever the block's dtype; tanh is written with exp so the interpreter runs it.
+The kernels allocate nothing: the `workspace` argument the PyTorch back-end uses for its scratch is unused.
 """
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def _flags(transform: LogitTransform):
     )
 
 
-def stats(block: torch.Tensor, labels: torch.Tensor, transform: LogitTransform):
+def stats(block: torch.Tensor, labels: torch.Tensor, transform: LogitTransform, workspace=None):
     rows, vocab = block.shape
     lse = torch.empty(rows, dtype=torch.float32, device=block.device)
     z_y, expected_z = torch.empty_like(lse), torch.empty_like(lse)
@@ -150,7 +151,7 @@ def stats(block: torch.Tensor, labels: torch.Tensor, transform: LogitTransform):
 
 
 def dlogits_(block: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-             transform: LogitTransform, col_offset: int = 0) -> torch.Tensor:
+             transform: LogitTransform, col_offset: int = 0, workspace=None) -> torch.Tensor:
     rows, vocab = block.shape
     if rows:
         bv = _block_v(vocab, ELEMENTWISE_BLOCK_V)
@@ -161,14 +162,15 @@ def dlogits_(block: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad:
 
 
 def rule_pass_(block: torch.Tensor, labels: torch.Tensor, rule: GradRule, a: torch.Tensor, b: torch.Tensor,
-               prescale: torch.Tensor, transform: LogitTransform):
-    """One kernel when the rule has a Triton form; else statistics, the rule in PyTorch, d logits."""
+               prescale: torch.Tensor, transform: LogitTransform, workspace=None):
+    """One kernel when the rule has a Triton form; else statistics, the rule in PyTorch, d logits. The
+    block is overwritten with its d logits (and returned last)."""
     if rule.triton_grad is None:
         lse, z_y, expected_z = stats(block, labels, transform)
         logp = z_y - lse
         grad = rule.grad(logp, a, b).float()
         dlogits_(block, labels, lse, grad * prescale, transform)
-        return logp, expected_z - lse, grad
+        return logp, expected_z - lse, grad, block
     rows, vocab = block.shape
     logp = torch.empty(rows, dtype=torch.float32, device=block.device)
     neg_entropy, grad = torch.empty_like(logp), torch.empty_like(logp)
@@ -177,5 +179,5 @@ def rule_pass_(block: torch.Tensor, labels: torch.Tensor, rule: GradRule, a: tor
         _rule_pass_kernel[(rows,)](block, block.stride(0), labels, a.contiguous(), b.contiguous(),
                                    prescale.float().reshape(1), logp, neg_entropy, grad, vocab,
                                    RULE=rule.triton_grad, BLOCK_V=bv, num_warps=_warps(bv), **_flags(transform))
-    return logp, neg_entropy, grad
+    return logp, neg_entropy, grad, block
 
