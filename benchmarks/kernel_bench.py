@@ -17,7 +17,8 @@ labels a fraction F of the rows ignore_index, as prompt tokens):
   `accum_dtype=torch.float32` where the installed version has that keyword (CUDA only);
 - `torch lce`: `torch.nn.functional.linear_cross_entropy(reduction="none")` with the chunked path
   (`LinearCrossEntropyOptions()`), when the installed torch has it.
-Every method backpropagates into hidden and weight (a random upstream gradient per row, or its loss).
+Every method backpropagates into hidden and weight (a random upstream gradient per row, or its loss);
+with `--frozen-weight` into hidden only, as under LoRA.
 
 Columns:
 - fwd+bwd ms: CUDA, the median over `--iters` steps after `--warmup` steps, each timed by CUDA events;
@@ -29,7 +30,9 @@ Columns:
 - flops: what the method executes, in units of N*H*V: 8 when the logits are computed in the forward and
   again in the backward (the two-pass ops; `torch lce` with reduction="none"; Liger releases whose
   reduction="none" path defers the gradient to the backward), 6 when the gradient is built in the
-  forward pass (the single pass; older Liger releases) or the logits are kept (naive).
+  forward pass (the single pass; older Liger releases) or the logits are kept (naive). A frozen weight
+  saves the `d weight` product (2): and our two-pass op, which then builds `d hidden` in the forward, its
+  recomputation too (4 in all).
 - TFLOP/s and "of bf16 peak": on that count, against the dense bf16 peak of the GPU (`--peak-tflops`).
 - TFLOP/s at 6NHV: the common model count (2NHV forward, 4NHV backward) for every method, so the
   methods compare directly: it is proportional to 1 / time.
@@ -77,6 +80,11 @@ def make_inputs(n, h, v, dtype, device, ignored_frac=0.0, seed=0):
 
 
 CHUNK_ENV = "KERNEL_BENCH_CHUNK_SIZE"  # --chunk-size, read through the environment by spawned workers too
+FROZEN_ENV = "KERNEL_BENCH_FROZEN_WEIGHT"  # --frozen-weight, likewise
+
+
+def _frozen_weight() -> bool:
+    return os.environ.get(FROZEN_ENV) == "1"
 
 
 def _chunk_size() -> int | None:
@@ -173,11 +181,13 @@ METHODS = {"two-pass op (ours)": two_pass_op, "bnf single pass (ours)": bnf_sing
            "bnf two-pass (ours)": bnf_two_pass, "naive": naive, "liger flce": liger, "torch lce": torch_lce}
 
 
-def flops_factor(name: str, liger_factor: int | None = None) -> int | None:
-    """Flops the method executes, in units of N*H*V (see the module docstring); Liger's is `liger_factor`."""
-    if name == "liger flce":
-        return liger_factor
-    return 6 if name in ("bnf single pass (ours)", "naive") else 8
+def flops_factor(name: str, liger_factor: int | None = None, frozen_weight: bool = False) -> int | None:
+    """Flops the method executes, in units of N*H*V (see the module docstring); Liger's is `liger_factor`
+    (with a trainable weight)."""
+    full = liger_factor if name == "liger flce" else 6 if name in ("bnf single pass (ours)", "naive") else 8
+    if full is None or not frozen_weight:
+        return full
+    return 4 if name in ("two-pass op (ours)", "bnf two-pass (ours)") else full - 2
 
 
 def available(name: str, device: torch.device) -> str | None:
@@ -195,7 +205,7 @@ def available(name: str, device: torch.device) -> str | None:
 
 def step(fn, hidden, weight, labels, upstream):
     h = hidden.detach().requires_grad_(True)
-    w = weight.detach().requires_grad_(True)
+    w = weight.detach().requires_grad_(not _frozen_weight())
     out = fn(h, w, labels)
     (out if out.dim() == 0 else (out * upstream).sum()).backward()  # a scalar is a whole loss
     return h.grad, w.grad
@@ -249,7 +259,7 @@ def _cpu_peak_worker(name, n, h, v, dtype_name, ignored_frac, queue):
 
     inputs = make_inputs(n, h, v, getattr(torch, dtype_name), torch.device("cpu"), ignored_frac)
     step(METHODS[name], *inputs)  # warm-up: allocator pools, lazy imports
-    grad_bytes = sum(t.numel() * t.element_size() for t in inputs[:2])
+    grad_bytes = sum(t.numel() * t.element_size() for t in inputs[:1 if _frozen_weight() else 2])
     peak, done = [0], threading.Event()
 
     def sample():
@@ -335,8 +345,9 @@ def caption(rows: list[dict]) -> str:
               else f"{100 * r['ignored_frac']:.0f}% of rows ignored (N counts them)")
     memory = ("max_memory_allocated during one step minus the inputs and input gradients"
               if r.get("device_type") == "cuda" else "resident-set growth during one step, input gradients excluded")
+    into = "hidden only (frozen weight)" if r.get("frozen_weight") else "hidden and weight"
     return (f"Kernel benchmark, {r['device']}, {r['dtype']}, torch {r['torch']}{liger}: forward + backward into "
-            f"hidden and weight, median of {r['iters']} steps after {r['warmup']} warm-up; {scored}; extra peak = "
+            f"{into}, median of {r['iters']} steps after {r['warmup']} warm-up; {scored}; extra peak = "
             f"{memory}; TFLOP/s on the flops each method executes{peak}; TFLOP/s at 6NHV on the common count.")
 
 
@@ -378,6 +389,8 @@ def parse_args(argv=None):
                         help=f"any of: {', '.join(METHODS)}")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="rows per logits block of our methods (default: the op's own, from its 256 MiB workspace)")
+    parser.add_argument("--frozen-weight", action="store_true",
+                        help="backpropagate into hidden only, as with a frozen output embedding under LoRA")
     parser.add_argument("--ignored-frac", type=float, default=0.0, help="fraction of rows labelled ignore_index")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: by GPU name)")
     parser.add_argument("--table-from", type=str, default=None, metavar="JSON",
@@ -393,6 +406,7 @@ def main(argv=None) -> int:
 
     if args.chunk_size:
         os.environ[CHUNK_ENV] = str(args.chunk_size)
+    os.environ[FROZEN_ENV] = "1" if args.frozen_weight else "0"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         dtype, iters = torch.bfloat16, args.iters or 10
@@ -411,7 +425,8 @@ def main(argv=None) -> int:
         triton_version = None
     meta = {"device": gpu, "device_type": device.type, "dtype": str(dtype).split(".")[-1], "torch": torch.__version__,
             "triton": triton_version, "liger": liger_version(), "iters": iters, "warmup": args.warmup,
-            "ignored_frac": args.ignored_frac, "peak_tflops": peak, "chunk_size": args.chunk_size}
+            "ignored_frac": args.ignored_frac, "peak_tflops": peak, "chunk_size": args.chunk_size,
+            "frozen_weight": args.frozen_weight}
     liger_factor, liger_note = None, ""
     if "liger flce" in args.methods and available("liger flce", device) is None:
         liger_factor = liger_flops_factor()
@@ -426,7 +441,8 @@ def main(argv=None) -> int:
         n, h, v = (int(x) for x in shape.split("x"))
         inputs = make_inputs(n, h, v, dtype, device, args.ignored_frac)
         for name in args.methods:
-            row = {"N": n, "H": h, "V": v, "method": name, "flops_factor": flops_factor(name, liger_factor), **meta}
+            row = {"N": n, "H": h, "V": v, "method": name,
+                   "flops_factor": flops_factor(name, liger_factor, args.frozen_weight), **meta}
             why_not = available(name, device)
             if why_not:
                 row["skipped"] = why_not

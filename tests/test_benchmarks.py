@@ -48,3 +48,19 @@ def test_kernel_bench_runs_every_method_it_can(tmp_path):
         assert line in proc.stdout
     assert "| N | H | V | method | fwd+bwd ms | extra peak MiB | flops | TFLOP/s | of bf16 peak | TFLOP/s at 6NHV |" \
         in table.stdout
+
+
+def test_kernel_bench_frozen_weight_counts_what_each_method_executes(tmp_path):
+    """--frozen-weight backpropagates into hidden only: the two-pass op then runs 4NHV (d hidden built in the
+    forward), like naive, and the caption says so."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--shapes", "64x16x211", "--iters", "1", "--frozen-weight",
+                           "--methods", "two-pass op (ours)", "bnf single pass (ours)", "naive", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())}
+    assert {name: r["flops_factor"] for name, r in rows.items()} == {
+        "two-pass op (ours)": 4, "bnf single pass (ours)": 4, "naive": 4}
+    assert all(r["frozen_weight"] and r["ms"] > 0 for r in rows.values())
+    assert "forward + backward into hidden only (frozen weight)" in proc.stdout

@@ -16,6 +16,7 @@ import torch
 from test_kernel import assert_matches, make_inputs, naive_token_logprobs, run_both
 
 from axolotl_bnf_plugin.kernels import GradRule, chunked, register_grad_rule, schedule, token_logprobs, triton_available
+from axolotl_bnf_plugin.kernels.workspace import Workspace
 
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not triton_available(torch.device("cpu")), reason="Triton cannot run here"))]
@@ -57,10 +58,31 @@ def test_sliced_backward_is_taken_and_writes_each_weight_slice_once(monkeypatch)
     monkeypatch.setattr(chunked, "_backward_by_rows", count("rows", by_rows))
     monkeypatch.setattr(chunked, "_backward_by_vocab", count("vocab", by_vocab))
     hidden, weight, _, labels, upstream = make_inputs(24, 8, 97, seed=4)
-    for need in (("h", "w"), ("h",)):
-        run_both(hidden, weight, None, labels, upstream, need=need, chunk_size=6, impl="torch")
-    # d weight needed: sliced; a frozen head (LoRA): rows, with no weight work at all.
-    assert calls == {"vocab": 1, "rows": 1}
+    run_both(hidden, weight, None, labels, upstream, need=("h", "w"), chunk_size=6, impl="torch")
+    # d weight needed: sliced.
+    assert calls == {"vocab": 1, "rows": 0}
+
+
+def test_frozen_head_builds_hidden_gradient_in_forward_and_recomputes_no_logits(monkeypatch):
+    """Only d hidden needed (LoRA): one projection per row chunk in all, no backward pass over the logits;
+    the gradient is still the reference one (run_both compares with autograd on full logits)."""
+    projections, backward_passes = [], []
+    project = Workspace.project
+
+    def counted_project(self, hidden, weight, bias):
+        projections.append(hidden.shape[0])
+        return project(self, hidden, weight, bias)
+
+    monkeypatch.setattr(Workspace, "project", counted_project)
+    for name in ("_backward_by_rows", "_backward_by_vocab"):
+        monkeypatch.setattr(chunked, name, lambda *a, **k: backward_passes.append(a))
+    hidden, weight, bias, labels, upstream = make_inputs(24, 8, 97, seed=4, with_bias=True)
+    impl_out, ref_out = run_both(hidden, weight, bias, labels, upstream, need=("h",), chunk_size=6, impl="torch",
+                                 softcap=5.0, scale=0.7)
+    assert_matches(impl_out, ref_out)
+    scored = int((labels != -100).sum())
+    assert projections == [min(6, scored - start) for start in range(0, scored, 6)]
+    assert backward_passes == []
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

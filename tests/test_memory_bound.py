@@ -5,7 +5,8 @@ logits block at a time (with the implementation's temporaries: `bytes_per_logit`
 - full fine-tuning, row-chunked backward: one fp32 `[V, H]` accumulator for `d weight`;
 - full fine-tuning, vocabulary-sliced backward (`vocab_slice_cols` is not None): one `[N, cols]` block and
   one fp32 `[N, H]` accumulator for `d hidden`, no `[V, H]` one;
-- a frozen output embedding (LoRA): the block only.
+- a frozen output embedding (LoRA): the block, and the `[N, H]` d logp / d hidden the forward builds
+  (in the inputs' dtype; it is what backward saves instead of the hidden states).
 
 Peaks are exact allocator byte counts (`memory_peak.cpu_memory`), so the bounds hold with a small fixed
 slack: 1 MiB plus 16 fp32 vectors of N (per-row statistics, labels, the upstream gradient, and, at the
@@ -78,7 +79,7 @@ def op_bound(n, h, v, dtype, impl, chunk_size, weight_grad=True) -> tuple[int, s
     """Bytes the op may hold beyond its inputs and returned gradients, and which schedule that is."""
     per_logit = bytes_per_logit(impl, dtype, "cpu")
     if not weight_grad:
-        return chunk_size * v * per_logit, "rows, frozen weight"
+        return chunk_size * v * per_logit + n * h * dtype.itemsize, "rows, frozen weight"
     cols = vocab_slice_cols(n, v, dtype, impl, "cpu", chunk_size=chunk_size, hidden_size=h)
     if cols is None:
         return chunk_size * v * per_logit + v * h * 4, "rows"

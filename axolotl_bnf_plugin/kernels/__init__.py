@@ -9,7 +9,7 @@ Two implementations share the chunk loops (`chunked.py`, `single_pass.py`): `tor
 and `triton` (CUDA; on CPU only under TRITON_INTERPRET=1, for tests). `impl="auto"` takes Triton on CUDA.
 With a `grad_rule` (a loss's per-row gradient, registered by the method that owns it, `grad_rules.py`),
 the gradient is built in the forward pass (`single_pass.py`), saving the backward's recomputation of the
-logits. How large a block is comes from the bytes each implementation allocates (`schedule.py`).
+logits; so it is, for any loss, when only `hidden` takes a gradient (a frozen head, `chunked.py`). How large a block is comes from the bytes each implementation allocates (`schedule.py`).
 """
 from __future__ import annotations
 
@@ -144,8 +144,9 @@ def token_logprobs(
                 rows(hidden), weight, bias, scored, rule.name, a, b, scale, softcap, chunk_size, impl, *need
             )
         else:
-            logp_s, neg_entropy_s, lse_s = token_logprobs_op(
-                rows(hidden), weight, bias, scored, scale, softcap, chunk_size, impl
+            hidden_grad_only = torch.is_grad_enabled() and need == (True, False, False)
+            logp_s, neg_entropy_s, lse_s, _ = token_logprobs_op(
+                rows(hidden), weight, bias, scored, scale, softcap, chunk_size, impl, hidden_grad_only
             )
     extra = (lse_s.detach(),) if return_lse else ()
     if every_row:

@@ -14,6 +14,12 @@ Backward recomputes the logits and overwrites them with d logits, which feed `dH
   chunk is written once, and `d weight` / `d bias` accumulate in place in fp32 (`GradBuffers`).
 Unneeded gradients are skipped.
 
+A frozen head (LoRA) needs only `d hidden`, and row r's is its upstream gradient times
+d logp_r / d hidden_r = (onehot(y_r) - p_r) @ W, which the forward can build while it holds the block
+(`grad_rules.UNIT_GRAD_RULE`: statistics and d logits in one row pass, then one matmul). Backward then
+scales rows and recomputes nothing: 4*N*H*V flops, what plain PyTorch executes, instead of 6. The saved
+`[N, H]` takes the place of the saved hidden states.
+
 As a `torch.library.custom_op`, the whole op is one opaque node to `torch.compile` (no graph break,
 no tracing of the chunk loop) and runs no host synchronisation: the row count is a shape.
 """
@@ -26,6 +32,7 @@ from typing import Optional
 import torch
 
 from .fake import fake_grads, fake_rows
+from .grad_rules import UNIT_GRAD_RULE
 from .logit_transform import LogitTransform
 from .schedule import vocab_slice_cols
 from .workspace import Workspace
@@ -82,19 +89,27 @@ def add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl):
+def _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl, hidden_grad_only):
     ops, transform, workspace = row_ops(impl), LogitTransform(scale=scale, softcap=softcap), Workspace()
     n = labels.shape[0]
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     neg_entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
+    dlogp_dhidden = torch.empty_like(hidden) if hidden_grad_only else hidden.new_empty(0)
+    ones = torch.ones(n if hidden_grad_only else 0, dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         block = workspace.project(hidden[start:stop], weight, bias)
+        if hidden_grad_only:
+            logp[start:stop], neg_entropy[start:stop], _, lse[start:stop], dlogits = ops.rule_pass_(
+                block, labels[start:stop], UNIT_GRAD_RULE, ones[start:stop], ones[start:stop], ones[0], transform,
+                workspace)
+            torch.mm(dlogits, weight, out=dlogp_dhidden[start:stop])
+            continue
         lse_c, z_y, expected_z = ops.stats(block, labels[start:stop], transform, workspace)
         lse[start:stop] = lse_c
         logp[start:stop] = z_y - lse_c
         neg_entropy[start:stop] = expected_z - lse_c
-    return logp, neg_entropy, lse
+    return logp, neg_entropy, lse, dlogp_dhidden
 
 
 class GradBuffers:
@@ -185,14 +200,16 @@ def token_logprobs_op(
     softcap: Optional[float],
     chunk_size: int,
     impl: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, neg_entropy, lse) for rows that are all scored; see `kernels.token_logprobs`."""
-    return _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl)
+    hidden_grad_only: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, neg_entropy, lse, d logp / d hidden) for rows that are all scored; see `kernels.token_logprobs`.
+    The last is built only with `hidden_grad_only` (the caller trains hidden and nothing else), else empty."""
+    return _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl, hidden_grad_only)
 
 
 @token_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, scale, softcap, chunk_size, impl):
-    return fake_rows(hidden, labels, 3)
+def _(hidden, weight, bias, labels, scale, softcap, chunk_size, impl, hidden_grad_only):
+    return (*fake_rows(hidden, labels, 3), torch.empty_like(hidden) if hidden_grad_only else hidden.new_empty(0))
 
 
 @torch.library.custom_op("axolotl_bnf::token_logprobs_backward", mutates_args=())
@@ -222,20 +239,32 @@ def _(grad_logp, hidden, weight, bias, labels, lse, scale, softcap, chunk_size, 
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, scale, softcap, chunk_size, impl = inputs
-    ctx.save_for_backward(hidden, weight, bias, labels, output[2])
+    hidden, weight, bias, labels, scale, softcap, chunk_size, impl, hidden_grad_only = inputs
+    ctx.hidden_grad_only = hidden_grad_only
+    if hidden_grad_only:
+        ctx.save_for_backward(output[3])
+    else:
+        ctx.save_for_backward(hidden, weight, bias, labels, output[2])
     ctx.options = (scale, softcap, chunk_size, impl)
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
-def _autograd_backward(ctx, grad_logp, _grad_neg_entropy, _grad_lse):
+def _autograd_backward(ctx, grad_logp, *_unused):
+    if grad_logp is None:
+        return (None,) * 9
+    if ctx.hidden_grad_only:
+        (dlogp_dhidden,) = ctx.saved_tensors
+        # fp32 arithmetic written straight into the input's dtype: no fp32 [N, H] temporary.
+        grad_h = torch.mul(dlogp_dhidden, grad_logp.float()[:, None], out=torch.empty_like(dlogp_dhidden))
+        return (grad_h,) + (None,) * 8
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     grad_h, grad_w, grad_b = token_logprobs_backward_op(
         grad_logp, hidden, weight, bias, labels, lse, *ctx.options, need_h, need_w, bool(need_b and bias is not None)
     )
     return (grad_h if need_h else None, grad_w if need_w else None, grad_b if need_b else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 token_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -65,3 +65,28 @@ def prescale(bound: torch.Tensor) -> torch.Tensor:
         return torch.ones((), dtype=torch.float32, device=bound.device)
     largest = bound.float().abs().amax().clamp(min=2.0**-100)
     return torch.exp2(-torch.ceil(torch.log2(largest)))
+
+
+def _unit_grad(logp: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(logp)
+
+
+def _unit_bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(a)
+
+
+try:
+    import triton
+    import triton.language as tl  # noqa: F401  (a @triton.jit function's module must have it)
+except ImportError:  # the PyTorch back-end needs no Triton form
+    _unit_triton = None
+else:
+    @triton.jit
+    def _unit_triton(logp, a, b):
+        return logp * 0.0 + 1.0
+
+
+# d logp / d logp = 1: a pass with it leaves d logp / d logits (onehot(y) - p) in the block, whose product
+# with the weight is d logp / d hidden. With a frozen head that is the whole backward, up to each row's
+# upstream gradient, so the forward computes it (`chunked.py`) and no logits are recomputed.
+UNIT_GRAD_RULE = register_grad_rule(GradRule("unit", grad=_unit_grad, bound=_unit_bound, triton_grad=_unit_triton))

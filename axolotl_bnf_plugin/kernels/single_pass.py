@@ -42,7 +42,7 @@ def _forward(hidden, weight, bias, labels, rule_name, a, b, scale, softcap, chun
         stop = min(start + chunk_size, n)
         h_c = hidden[start:stop]
         block = workspace.project(h_c, weight, bias)
-        logp[start:stop], neg_entropy[start:stop], grad_logp[start:stop], dlogits = ops.rule_pass_(
+        logp[start:stop], neg_entropy[start:stop], grad_logp[start:stop], _, dlogits = ops.rule_pass_(
             block, labels[start:stop], rule, a[start:stop], b[start:stop], factor, transform, workspace)
         grads.add(dlogits, h_c, start, stop)
     return (logp, neg_entropy, grad_logp, factor, *grads.result(keep_fp32=True))

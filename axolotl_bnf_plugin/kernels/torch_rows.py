@@ -87,7 +87,7 @@ def dlogits_(block: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad:
 def rule_pass_(block: torch.Tensor, labels: torch.Tensor, rule: GradRule, a: torch.Tensor, b: torch.Tensor,
                prescale: torch.Tensor, transform: LogitTransform, workspace: Workspace | None = None):
     """Statistics of the block, the rule's gradient, and d logits for that gradient times `prescale`.
-    Returns fp32 (logp, neg_entropy, grad) per row and the tensor holding the d logits."""
+    Returns fp32 (logp, neg_entropy, grad, lse) per row and the tensor holding the d logits."""
     z = logits(block, transform)
     lse, z_y, expected_z, e, s = _stats(z, labels, workspace, keep_z=transform.softcap is not None)
     logp = z_y - lse
@@ -95,4 +95,4 @@ def rule_pass_(block: torch.Tensor, labels: torch.Tensor, rule: GradRule, a: tor
     scaled = grad * prescale
     dz = e.mul_((-scaled / s)[:, None])  # -grad * p
     _add_label_term(dz, labels, scaled, 0)
-    return logp, expected_z - lse, grad, _finish(block, dz, z, transform)
+    return logp, expected_z - lse, grad, lse, _finish(block, dz, z, transform)

@@ -96,7 +96,7 @@ def _dlogits_kernel(block_ptr, stride_row, labels_ptr, lse_ptr, grad_ptr, V, col
 
 @triton.jit
 def _rule_pass_kernel(block_ptr, stride_row, labels_ptr, a_ptr, b_ptr, prescale_ptr, logp_ptr, negent_ptr,
-                      grad_ptr, V, scale, softcap, RULE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      grad_ptr, lse_ptr, V, scale, softcap, RULE: tl.constexpr, HAS_SCALE: tl.constexpr,
                       HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = block_ptr + row * stride_row
@@ -107,6 +107,7 @@ def _rule_pass_kernel(block_ptr, stride_row, labels_ptr, a_ptr, b_ptr, prescale_
     tl.store(logp_ptr + row, logp)
     tl.store(negent_ptr + row, ez - lse)
     tl.store(grad_ptr + row, grad)
+    tl.store(lse_ptr + row, lse)
     grad = grad * tl.load(prescale_ptr)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
@@ -163,21 +164,21 @@ def dlogits_(block: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad:
 
 def rule_pass_(block: torch.Tensor, labels: torch.Tensor, rule: GradRule, a: torch.Tensor, b: torch.Tensor,
                prescale: torch.Tensor, transform: LogitTransform, workspace=None):
-    """One kernel when the rule has a Triton form; else statistics, the rule in PyTorch, d logits. The
-    block is overwritten with its d logits (and returned last)."""
+    """One kernel when the rule has a Triton form; else statistics, the rule in PyTorch, d logits. Returns
+    fp32 (logp, neg_entropy, grad, lse) per row and the block, overwritten with its d logits."""
     if rule.triton_grad is None:
         lse, z_y, expected_z = stats(block, labels, transform)
         logp = z_y - lse
         grad = rule.grad(logp, a, b).float()
         dlogits_(block, labels, lse, grad * prescale, transform)
-        return logp, expected_z - lse, grad, block
+        return logp, expected_z - lse, grad, lse, block
     rows, vocab = block.shape
     logp = torch.empty(rows, dtype=torch.float32, device=block.device)
-    neg_entropy, grad = torch.empty_like(logp), torch.empty_like(logp)
+    neg_entropy, grad, lse = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
     if rows:
         bv = _block_v(vocab, MAX_BLOCK_V)
         _rule_pass_kernel[(rows,)](block, block.stride(0), labels, a.contiguous(), b.contiguous(),
-                                   prescale.float().reshape(1), logp, neg_entropy, grad, vocab,
+                                   prescale.float().reshape(1), logp, neg_entropy, grad, lse, vocab,
                                    RULE=rule.triton_grad, BLOCK_V=bv, num_warps=_warps(bv), **_flags(transform))
-    return logp, neg_entropy, grad, block
+    return logp, neg_entropy, grad, lse, block
 
