@@ -5,23 +5,24 @@
 #     OUT=/some/empty/dir bash benchmarks/gpu_suite.sh                    # from the repository root
 #     OUT=/tmp/gpu_suite_out GPU_SUITE_SMOKE=1 bash benchmarks/gpu_suite.sh   # the same steps, tiny shapes, CPU too
 #
-# Needs only what a stock CUDA image has: python3, torch, triton, pytest, pyyaml, numpy (no network, no
-# axolotl: the repository is imported from the working tree through PYTHONPATH, not installed). The Liger-Kernel
-# comparison comes from a wheel in .whl/ (pure Python, `py3-none-any`; its only requirements are torch and
-# triton), installed with --no-deps into $SUITE_SITE (default /tmp/site). Without .whl/ the `liger flce` rows
+# Needs only what a stock CUDA image has: python3, torch, triton, pytest, pyyaml, numpy, pydantic (which
+# transformers brings; no network, no axolotl: the repository is imported from the working tree through
+# PYTHONPATH, not installed). The Liger-Kernel comparison comes from a wheel in .whl/ (pure Python,
+# `py3-none-any`; its only requirements are torch and triton), installed with --no-deps into $SUITE_SITE (default /tmp/site). Without .whl/ the `liger flce` rows
 # are reported as skipped. .whl/ is made, on any machine with network access, by:
 #
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #         -d .whl liger-kernel
 #
-# Files written to $OUT (7):
+# Files written to $OUT (9):
 #   env.txt             GPU (nvidia-smi), python / torch / triton / liger-kernel versions
 #   gpu_tests.log       pytest tests/test_gpu_kernels.py tests/test_triton_kernel.py
 #   kernel_bench.jsonl  one JSON object per (shape, method), appended as each is measured
 #   kernel_bench.log    the benchmark's output (progress, table, tracebacks of failed rows)
+#   kernel_bench_frozen.jsonl / .log   the same for a frozen weight (LoRA: d hidden only), one shape
 #   roofline.md         benchmarks/roofline.py --measured kernel_bench.jsonl (when that script exists)
-#   kernel_table.md     the README-ready markdown table of every row measured
+#   kernel_table.md     the README-ready markdown tables of every row measured (trainable, then frozen weight)
 #   summary.txt         each step's exit status and time
 #
 # Time: everything is kept within SUITE_BUDGET_S seconds (default 470): the tests get at most
@@ -39,6 +40,7 @@ SMOKE=${GPU_SUITE_SMOKE:-0}
 BUDGET=${SUITE_BUDGET_S:-470}
 SITE=${SUITE_SITE:-/tmp/site}
 RESERVE=60  # seconds kept for the roofline and the table after the benchmark
+FROZEN_RESERVE=50  # seconds kept for the frozen-weight rows after the main table
 SECONDS=0
 
 say() { echo "[gpu_suite ${SECONDS}s] $*"; }
@@ -48,6 +50,7 @@ record() { echo "$*" >>"$OUT/summary.txt"; say "$*"; }
 if [ "$SMOKE" = 1 ]; then
   TEST_TIMEOUT=${SUITE_TEST_TIMEOUT_S:-900}
   SHAPES=(96x16x211 128x32x1000)
+  FROZEN_SHAPES=(128x32x1000)
   ITERS=1
   BUDGET=${SUITE_BUDGET_S:-1800}
   ROOF_LIMIT=180  # a slow CPU spends most of it importing torch
@@ -55,6 +58,7 @@ else
   TEST_TIMEOUT=${SUITE_TEST_TIMEOUT_S:-200}
   SHAPES=()
   for v in 128256 151936; do for n in 4096 16384 32768; do SHAPES+=("${n}x4096x${v}"); done; done
+  FROZEN_SHAPES=(16384x4096x128256)
   ITERS=5
   ROOF_LIMIT=30
 fi
@@ -84,7 +88,7 @@ import importlib.metadata as md
 import sys
 
 print("python", sys.version.split()[0], sys.executable)
-for dist in ("torch", "triton", "liger-kernel", "transformers", "numpy", "pytest"):
+for dist in ("torch", "triton", "liger-kernel", "transformers", "numpy", "pytest", "pydantic"):
     try:
         print(dist, md.version(dist))
     except md.PackageNotFoundError:
@@ -124,7 +128,7 @@ for test_file in tests/test_gpu_kernels.py tests/test_triton_kernel.py; do
 done
 
 # 4. The kernel table: each row is appended to kernel_bench.jsonl as soon as it is measured.
-BENCH_LIMIT=$((BUDGET - SECONDS - RESERVE))
+BENCH_LIMIT=$((BUDGET - SECONDS - RESERVE - FROZEN_RESERVE))
 if [ "$SMOKE" != 1 ] && [ "$CUDA_OK" != 1 ]; then
   BENCH_RC=3
   record "benchmark: not run (no CUDA device visible to torch)"
@@ -138,6 +142,22 @@ else
   BENCH_RC=${PIPESTATUS[0]}
   ROWS=$(grep -c . "$OUT/kernel_bench.jsonl" 2>/dev/null) || ROWS=${ROWS:-0}
   record "benchmark: exit $BENCH_RC$([ "$BENCH_RC" = 124 ] && echo ' (time limit)'); $ROWS rows in kernel_bench.jsonl"
+fi
+
+# 4b. A frozen weight (LoRA): our op builds d hidden in the forward; against naive and Liger, one shape.
+FROZEN_LIMIT=$((BUDGET - SECONDS - RESERVE))
+if [ "$BENCH_RC" = 3 ]; then
+  record "frozen-weight benchmark: not run (see above)"
+elif [ "$FROZEN_LIMIT" -lt 20 ]; then
+  record "frozen-weight benchmark: not run (only ${FROZEN_LIMIT}s of the budget left)"
+else
+  say "frozen-weight benchmark (time limit ${FROZEN_LIMIT}s)"
+  timeout -k 10 "$FROZEN_LIMIT" "$PY" benchmarks/kernel_bench.py --frozen-weight --shapes "${FROZEN_SHAPES[@]}" \
+    --iters "$ITERS" --warmup 1 --methods "two-pass op (ours)" "bnf single pass (ours)" naive "liger flce" \
+    --jsonl "$OUT/kernel_bench_frozen.jsonl" 2>&1 | tee "$OUT/kernel_bench_frozen.log"
+  rc=${PIPESTATUS[0]}
+  FROZEN_ROWS=$(grep -c . "$OUT/kernel_bench_frozen.jsonl" 2>/dev/null) || FROZEN_ROWS=${FROZEN_ROWS:-0}
+  record "frozen-weight benchmark: exit $rc$([ "$rc" = 124 ] && echo ' (time limit)'); $FROZEN_ROWS rows"
 fi
 
 # 5. The roofline model beside the measured times (someone else's script: optional, failures tolerated).
@@ -157,6 +177,10 @@ fi
 if [ -s "$OUT/kernel_bench.jsonl" ]; then
   "$PY" benchmarks/kernel_bench.py --table-from "$OUT/kernel_bench.jsonl" >"$OUT/kernel_table.md"
   record "table: exit $? -> kernel_table.md"
+  if [ -s "$OUT/kernel_bench_frozen.jsonl" ]; then
+    echo >>"$OUT/kernel_table.md"
+    "$PY" benchmarks/kernel_bench.py --table-from "$OUT/kernel_bench_frozen.jsonl" >>"$OUT/kernel_table.md"
+  fi
   cat "$OUT/kernel_table.md"
 else
   echo "No benchmark rows were measured (see kernel_bench.log)." >"$OUT/kernel_table.md"

@@ -26,6 +26,10 @@ slice. d = bytes per element of the dtype. Per row chunk of c rows (per slice of
   [N, H] (2NsH; block + W_s in, accumulator read + written); then zero-init and a cast of the fp32
   [N, H]. When S is None the backward is row chunked like the single pass. 8*N*H*V flops.
 - `bnf two-pass (ours)`: the two-pass op plus the BNF loss on N-long vectors (no flops counted).
+- `--frozen-weight` (LoRA: d hidden only): both of ours run the same schedule, per row chunk the GEMM, one
+  row kernel (statistics + d logits; the single pass's, with the unit gradient rule for the two-pass op)
+  and d hidden = block @ W written once in the dtype; backward scales its rows through fp32. 4*N*H*V.
+  Naive and Liger drop their d weight GEMM (4*N*H*V and, Liger with reduction="none", 6*N*H*V).
 - `naive`: logits in the dtype, an fp32 copy, log_softmax (reads twice), gather; backward: scatter into
   zeros, log_softmax backward (3 fp32 reads, 1 write), cast to the dtype, two GEMMs reading the grad.
   6*N*H*V flops; three fp32 [N, V] are alive at the backward's peak.
@@ -108,6 +112,10 @@ class Schedule:
     def seconds(self, gpu: GPU) -> float:
         return sum(p.seconds(gpu) for p in self.phases)
 
+    def model_flops(self, N, H, V) -> int:
+        """The common count the TFLOP/s columns use: 6*N*H*V, or 4*N*H*V with no d weight work at all."""
+        return (6 if any("d weight" in p.name for p in self.phases) else 4) * N * H * V
+
     def by_phase(self, gpu: GPU) -> dict[str, list[float]]:
         """Phase name -> [calls, flops, bytes, seconds, compute s, memory s], summed over chunk sizes."""
         out: dict[str, list[float]] = {}
@@ -178,6 +186,29 @@ def two_pass(N, H, V, dtype, workspace=DEFAULT_WORKSPACE_BYTES, l2_hit=False, na
     return Schedule(name, phases, temps, chunking, {"C": C, "S": S})
 
 
+def frozen_head(N, H, V, dtype, workspace=DEFAULT_WORKSPACE_BYTES, l2_hit=False, name="two-pass op (ours)") -> Schedule:
+    """Ours with a frozen weight: d hidden built in the forward, rows scaled in backward."""
+    d, C = dtype.itemsize, rows_per_block(V, dtype, "triton", "cuda", workspace)
+    phases = []
+    for c, calls in split(N, C):
+        block = c * V * d
+        phases += [Phase("logits GEMM h_c @ W^T", 2 * c * H * V, V * H * d + c * H * d + block, calls, True),
+                   Phase("row kernel: stats + d logits in place", 0, ((1 if l2_hit else 2) + 1) * block, calls),
+                   Phase("d hidden GEMM block @ W", 2 * c * V * H, block + V * H * d + c * H * d, calls, True)]
+    phases.append(Phase("bwd scale d hidden rows (fp32 math)", 0, 2 * N * H * d))
+    if name.startswith("bnf"):
+        phases.append(Phase("BNF loss on N-long vectors", 0, 16 * N * 4))
+    return Schedule(name, phases, {"block": min(C, N) * V * d, "[N,H] d hidden": N * H * d},
+                    f"C={C} rows x {math.ceil(N / C)} chunks", {"C": C, "chunks": math.ceil(N / C)})
+
+
+def _without_weight_grad(s: Schedule) -> Schedule:
+    """A schedule less its d weight work (a frozen weight)."""
+    phases = [p for p in s.phases if "d weight" not in p.name]
+    temps = {k: v for k, v in s.temporaries.items() if k != "fp32 [V,H]"}
+    return Schedule(s.name, phases, temps, s.chunking, s.extra)
+
+
 def naive(N, H, V, dtype) -> Schedule:
     d, NV = dtype.itemsize, N * V
     phases = [Phase("logits GEMM hidden @ W^T", 2 * N * H * V, N * H * d + V * H * d + NV * d, 1, True),
@@ -224,7 +255,12 @@ def liger(N, H, V, dtype, reduction="none", accum="fp32", l2_hit=False) -> Sched
 
 
 def schedules(N, H, V, dtype, workspace=DEFAULT_WORKSPACE_BYTES, l2_hit=False, liger_reduction="none",
-              liger_accum="fp32") -> list[Schedule]:
+              liger_accum="fp32", frozen_weight=False) -> list[Schedule]:
+    if frozen_weight:
+        ours = [frozen_head(N, H, V, dtype, workspace, l2_hit, name) for name in
+                ("bnf single pass (ours)", "two-pass op (ours)", "bnf two-pass (ours)")]
+        return ours + [_without_weight_grad(naive(N, H, V, dtype)),
+                       _without_weight_grad(liger(N, H, V, dtype, liger_reduction, liger_accum, l2_hit))]
     return [single_pass(N, H, V, dtype, workspace, l2_hit), two_pass(N, H, V, dtype, workspace, l2_hit),
             two_pass(N, H, V, dtype, workspace, l2_hit, name="bnf two-pass (ours)"), naive(N, H, V, dtype),
             liger(N, H, V, dtype, liger_reduction, liger_accum, l2_hit)]
@@ -243,11 +279,11 @@ def load_measured(path) -> dict[tuple, dict]:
 
 
 def pct(sched: Schedule, N, H, V, gpu: GPU) -> float:
-    return 100 * 6 * N * H * V / sched.seconds(gpu) / (gpu.peak_tflops * 1e12)
+    return 100 * sched.model_flops(N, H, V) / sched.seconds(gpu) / (gpu.peak_tflops * 1e12)
 
 
 def shape_table(N, H, V, scheds: list[Schedule], gpu: GPU, measured=None) -> list[str]:
-    head = ("| schedule | chunking | predicted ms | TFLOP/s (6NHV) | % of peak | GB moved | dominant phase "
+    head = ("| schedule | chunking | predicted ms | TFLOP/s (6NHV; 4NHV frozen) | % of peak | GB moved | dominant phase "
             "| memory-bound share | temporaries MiB |" + (" measured ms | measured peak MiB |" if measured is not None else ""))
     lines = [f"\n### N={N} H={H} V={V} on {gpu.name}\n", head, "|" + "---|" * (head.count("|") - 1)]
     for s in scheds:
@@ -256,7 +292,7 @@ def shape_table(N, H, V, scheds: list[Schedule], gpu: GPU, measured=None) -> lis
         bound = "compute" if phases[dom][4] >= phases[dom][5] else "memory"
         mem_share = sum(x[3] for x in phases.values() if x[5] > x[4]) / t
         temps = " + ".join(f"{k} {v / MIB:.0f}" for k, v in s.temporaries.items())
-        row = (f"| {s.name} | {s.chunking} | {t * 1e3:.2f} | {6 * N * H * V / t / 1e12:.0f} | {pct(s, N, H, V, gpu):.0f}% "
+        row = (f"| {s.name} | {s.chunking} | {t * 1e3:.2f} | {s.model_flops(N, H, V) / t / 1e12:.0f} | {pct(s, N, H, V, gpu):.0f}% "
                f"| {s.bytes / 1e9:.0f} | {dom} ({100 * phases[dom][3] / t:.0f}%, {bound}) "
                f"| {100 * mem_share:.0f}% | {sum(s.temporaries.values()) / MIB:.0f} ({temps}) |")
         if measured is not None:
@@ -311,6 +347,7 @@ def main(argv=None) -> None:
     p.add_argument("--liger-reduction", choices=["none", "mean"], default="none")
     p.add_argument("--liger-accum", choices=["bf16", "fp32"], default="fp32")
     p.add_argument("--phases", action="store_true", help="per-phase breakdown of every schedule")
+    p.add_argument("--frozen-weight", action="store_true", help="d hidden only, as under LoRA")
     p.add_argument("--measured", help="kernel_bench results (JSON list or JSON lines)")
     args = p.parse_args(argv)
     peak, bw = GPUS[args.gpu]
@@ -321,9 +358,11 @@ def main(argv=None) -> None:
     rule = "flops/peak + bytes/bandwidth" if args.additive else "max(flops/peak, bytes/bandwidth)"
     lines = [f"# Roofline model: {gpu.name}, {gpu.peak_tflops:g} TFLOP/s, {gpu.bandwidth_tbs:g} TB/s, GEMM efficiency "
              f"{gpu.gemm_efficiency:g}; {args.dtype}; workspace {args.workspace_mib} MiB"
-             f"{'; L2 hit on second reads' if args.l2_hit else ''}; time(phase) = {rule}"]
+             f"{'; L2 hit on second reads' if args.l2_hit else ''}{'; frozen weight' if args.frozen_weight else ''}; "
+             f"time(phase) = {rule}"]
     for N, H, V in shapes:
-        scheds = schedules(N, H, V, dtype, args.workspace_mib * MIB, args.l2_hit, args.liger_reduction, args.liger_accum)
+        scheds = schedules(N, H, V, dtype, args.workspace_mib * MIB, args.l2_hit, args.liger_reduction, args.liger_accum,
+                           args.frozen_weight)
         lines += shape_table(N, H, V, scheds, gpu, measured)
         if args.phases:
             for s in scheds:

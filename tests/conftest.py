@@ -31,6 +31,12 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover
     pass
+try:
+    import triton_interpreter_index
+
+    triton_interpreter_index.patch()  # Triton < 3.7's interpreter with NumPy >= 2.4
+except ImportError:  # no Triton (or no NumPy): no interpreter to patch
+    pass
 
 
 

@@ -40,6 +40,18 @@ def test_flops_are_exactly_6_or_8_nhv(shape, liger_reduction):
         assert s.flops == _flops_factor(s.name, liger_reduction) * N * H * V, s.name
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("liger_reduction", ["none", "mean"])
+def test_frozen_weight_flops_drop_the_weight_products(shape, liger_reduction):
+    """A frozen head: ours build d hidden in the forward (4NHV, as naive); Liger drops its d weight GEMM."""
+    N, H, V = shape
+    for s in rl.schedules(N, H, V, BF16, liger_reduction=liger_reduction, frozen_weight=True):
+        expected = _flops_factor(s.name, liger_reduction) - 2 if s.name == "liger flce" else 4
+        assert s.flops == expected * N * H * V, s.name
+        assert not any("d weight" in p.name for p in s.phases) and "fp32 [V,H]" not in s.temporaries, s.name
+        assert s.model_flops(N, H, V) == 4 * N * H * V
+
+
 def test_row_chunked_fallback_backward_also_counts_8_nhv():
     N, H, V, ws = 16384, 4096, 128256, 16 * MIB
     assert vocab_slice_cols(N, V, BF16, "triton", "cuda", ws) is None

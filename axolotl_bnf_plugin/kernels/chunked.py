@@ -78,7 +78,7 @@ def add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
                 torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
                 _FP32_ADDMM["ok"] = True
                 return
-            except RuntimeError as exc:
+            except (RuntimeError, TypeError) as exc:  # no such kernel / no such keyword in this torch
                 if _FP32_ADDMM["ok"]:
                     raise
                 _FP32_ADDMM["ok"] = False

@@ -18,11 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreter_index
 from .grad_rules import GradRule
 from .logit_transform import LogitTransform
-
-interpreter_index.patch()  # CPU tests under TRITON_INTERPRET=1 with NumPy >= 2.4 and Triton < 3.7
 
 
 @triton.jit

@@ -9,7 +9,7 @@ converted to Python scalars" (triton-lang/triton#9171; Triton 3.7 reads `int(arr
 `patch()` re-defines that `__index__` with `.item()` each time the interpreter patches `tl.tensor` for a
 launch, through the same scope, so the interpreter restores the class afterwards. It acts only where the
 bug can occur (the interpreter is on and this NumPy rejects the conversion); compiled kernels on a GPU
-never reach this code.
+never reach this code, so it lives with the tests (`conftest.py` applies it), not in the package.
 """
 from __future__ import annotations
 
