@@ -48,10 +48,10 @@ def test_preflight_equals_the_formula():
     assert got["memory/preflight_full_logits_bytes"] == 2 * tokens * vocab * 2  # policy + reference, bf16
     chunk = default_chunk_size(vocab, torch.bfloat16)
     assert got["memory/preflight_chunk_rows"] == chunk
-    assert got["memory/preflight_fused_workspace_bytes"] == chunk * vocab * (4 + 4 + 2)  # bf16 block + 2 fp32
+    assert got["memory/preflight_fused_workspace_bytes"] == chunk * vocab * (2 + 4 + 4)  # bf16 block, fp32 upcast, scratch
     no_ref = preflight(tokens, vocab, torch.float32, with_reference=False, chunk_size=64)
     assert no_ref["memory/preflight_full_logits_bytes"] == tokens * vocab * 4
-    assert no_ref["memory/preflight_fused_workspace_bytes"] == 64 * vocab * 12
+    assert no_ref["memory/preflight_fused_workspace_bytes"] == 64 * vocab * (4 + 4)  # fp32 block + fp32 scratch
     # Triton on CUDA holds the bf16 block alone: five times the rows in the same workspace.
     triton = preflight(tokens, vocab, torch.bfloat16, with_reference=True, impl="triton")
     assert triton["memory/preflight_chunk_rows"] == default_chunk_size(vocab, torch.bfloat16, impl="triton")

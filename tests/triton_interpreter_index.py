@@ -17,12 +17,16 @@ import os
 
 
 def _numpy_rejects_1d_int() -> bool:
+    import warnings
+
     import numpy as np  # here, not at the top: compiled Triton on a GPU does not need NumPy
 
-    try:
-        int(np.ones(1, dtype=np.int32))
-    except TypeError:
-        return True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # NumPy 1.25 - 2.3 warn and convert
+        try:
+            int(np.ones(1, dtype=np.int32))
+        except TypeError:
+            return True
     return False
 
 
