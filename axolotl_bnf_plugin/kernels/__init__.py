@@ -9,7 +9,8 @@ Two implementations share the chunk loops (`chunked.py`, `single_pass.py`): `tor
 and `triton` (CUDA; on CPU only under TRITON_INTERPRET=1, for tests). `impl="auto"` takes Triton on CUDA.
 With a `grad_rule` (a loss's per-row gradient, registered by the method that owns it, `grad_rules.py`),
 the gradient is built in the forward pass (`single_pass.py`), saving the backward's recomputation of the
-logits; so it is, for any loss, when only `hidden` takes a gradient (a frozen head, `chunked.py`). How large a block is comes from the bytes each implementation allocates (`schedule.py`).
+logits; so it is, for any loss, when only `hidden` takes a gradient (a frozen head, `chunked.py`). How
+large a block is comes from the bytes each implementation allocates (`schedule.py`).
 """
 from __future__ import annotations
 

@@ -78,7 +78,10 @@ def dlogits_(block: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad:
     """d logits of a block of raw logits (vocabulary columns `col_offset:`): grad * (onehot(y) - p)."""
     z, grad = logits(block, transform), grad.float()
     # In place, unless the soft-cap's chain rule still needs z.
-    dz = torch.sub(z, lse[:, None], out=_scratch(workspace, z)) if transform.softcap is not None else z.sub_(lse[:, None])
+    if transform.softcap is not None:
+        dz = torch.sub(z, lse[:, None], out=_scratch(workspace, z))
+    else:
+        dz = z.sub_(lse[:, None])
     dz.exp_().mul_(-grad[:, None])
     _add_label_term(dz, labels, grad, col_offset)
     return _finish(block, dz, z, transform)
