@@ -310,8 +310,9 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
     scored, and the fused op never forms the `[R * L, V]` logits. With `check_head`, the model's own
     last-position logits are compared with the op's projection first (see `check_head_matches`).
     `grad_rule` / `grad_inputs`: a loss's gradient rule and its per-position inputs `[R, L]`, for the
-    single-pass gradient (see `kernels.token_logprobs`). With `router_aux` (the policy's forward), a fourth
-    item: the router load-balancing loss, or None (see `forward_hidden`). With `with_lse` (scoring only), an
+    single-pass gradient (see `kernels.token_logprobs`); an item after the mask then holds the rule's
+    d loss / d logp `[R, L]` (0 where unscored). With `router_aux` (the policy's forward), a last item: the
+    router load-balancing loss, or None (see `forward_hidden`). With `with_lse` (scoring only), an
     item after the mask: each position's log-partition log Z `[R, L]` (0 where unscored), so the label logit
     is `logp + log Z` (`kernels.token_logprobs(return_lse=True)`), from the same chunks, no extra pass.
     """
@@ -345,11 +346,11 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
 
     head_module = unwrap(model).get_output_embeddings()
     if hasattr(head_module.weight, "ds_id"):
-        logp, neg_entropy, *lse = _score_inside_head_call(head_module, score, hidden.reshape(-1, width))
+        logp, neg_entropy, *extra = _score_inside_head_call(head_module, score, hidden.reshape(-1, width))
     else:
-        logp, neg_entropy, *lse = score(hidden.reshape(-1, width))
+        logp, neg_entropy, *extra = score(hidden.reshape(-1, width))
     return (logp.view(rows, length), neg_entropy.view(rows, length), targets != IGNORE_INDEX,
-            *(t.view(rows, length) for t in lse), *aux)
+            *(t.view(rows, length) for t in extra), *aux)
 
 
 def _score_inside_head_call(head_module: torch.nn.Module, score, flat_hidden: torch.Tensor):

@@ -5,7 +5,8 @@ the full logits), and feeds them with the output embedding to the fused `token_l
 `needs_ref_logps` also gets the initial policy's log-probs of the same tokens (`ref_logp`): precomputed
 with the data (the batch's `ref_logps` column), or scored here by a live reference (`initial_policy`: a
 frozen copy, the policy with a fresh adapter disabled, or with a frozen snapshot of a continued adapter).
-Where the method has a gradient rule, the policy's pass builds the gradient in its forward.
+Where the method has a gradient rule, the policy's pass builds the gradient in its forward, and the loss
+takes the rule's values that pass used as its gradient (`with_gradient`).
 """
 from __future__ import annotations
 
@@ -68,18 +69,36 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
         scale = method.grad_scale(response_rows(batch)[0], batch["sign"], batch["pair_ids"], normalizer)
         grad_inputs = (ref_logp, per_position(batch, scale))
     aux_coef = router_aux_coef(model)
-    logp, neg_entropy, _, *aux = response_token_logps(model, batch, settings.chunk_size, check_head=check_head,
-                                                      impl=settings.impl, grad_rule=grad_rule,
-                                                      grad_inputs=grad_inputs, router_aux=aux_coef is not None)
+    logp, neg_entropy, _, *rest = response_token_logps(model, batch, settings.chunk_size, check_head=check_head,
+                                                       impl=settings.impl, grad_rule=grad_rule,
+                                                       grad_inputs=grad_inputs, router_aux=aux_coef is not None)
+    rule_grad, aux = (rest[0], rest[1:]) if grad_rule is not None else (None, rest)
     mask, logp, neg_entropy = response_rows(batch, logp, neg_entropy)
     ref_logp = response_rows(batch, ref_logp)[1] if ref_logp is not None else None
-    loss, metrics = method.loss(logp, ref_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
-                                normalizer=normalizer)
+    if rule_grad is None:
+        loss, metrics = method.loss(logp, ref_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
+                                    normalizer=normalizer)
+    else:
+        loss, metrics = method.loss(logp.detach(), ref_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
+                                    normalizer=normalizer)
+        loss = with_gradient(loss, logp, response_rows(batch, rule_grad)[1])
     if ref_logp is not None:
         metrics.merge(shift_metrics(logp, ref_logp, mask, batch["sign"]))
     if aux_coef is not None:
         loss = _add_router_aux(loss, metrics, aux[0], aux_coef, batch, normalizer)
     return loss, metrics
+
+
+def with_gradient(loss: torch.Tensor, logp: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
+    """`loss`'s value, with d loss / d logp = `grad_logp` exactly.
+
+    The single pass built its gradients for the rule's values `grad_logp` and checks that the upstream
+    gradient is those times a constant. The method's loss has the same gradient mathematically, but a second
+    evaluation of the rule can round differently, and some rules are ill-conditioned (BNF's weight near
+    p = 1): taking the op's own values means one evaluation feeds both, so they cannot disagree.
+    """
+    linear = (grad_logp.detach() * logp).sum()
+    return loss.detach() + (linear - linear.detach())
 
 
 def _add_router_aux(loss, metrics: Metrics, aux_loss, coef: float, batch, normalizer):

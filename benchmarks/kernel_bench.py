@@ -163,7 +163,7 @@ def _bnf(hidden, weight, labels, single_pass: bool):
 
         scale = bnf_response_scale(mask, sign)[:, None].expand(mask.shape).reshape(-1)
         logp, neg = token_logprobs(hidden, weight, labels, chunk_size=_chunk_size(), grad_rule=BNF_GRAD_RULE,
-                                   grad_inputs=(ref, scale))
+                                   grad_inputs=(ref, scale))[:2]
     else:
         logp, neg = token_logprobs(hidden, weight, labels, chunk_size=_chunk_size())
     return bnf_loss(logp[None], ref[None], neg[None], mask, sign)[0]

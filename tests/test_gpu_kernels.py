@@ -209,7 +209,7 @@ def test_bnf_single_pass_matches_two_pass_and_fp64(impl, transform, chunk):
     token_scale = bnf_response_scale(mask, sign, pair_ids)[:, None].expand(B, T).reshape(-1)
 
     def loss_and_grads(logps, leaves):
-        logp, neg = logps
+        logp, neg = logps[:2]
         loss, _ = bnf_loss(logp.view(B, T), ref_logp.view(B, T), neg.view(B, T), mask, sign, pair_ids)
         grads = torch.autograd.grad(3.5 * loss, leaves)  # any constant factor upstream is allowed
         torch.cuda.synchronize()  # surfaces the single pass's asynchronous upstream-gradient check here
@@ -293,7 +293,7 @@ def memory_loss(method: str, labels, upstream):
     scale = bnf_response_scale(mask, sign)[:, None].expand(mask.shape).reshape(-1)
 
     def loss(h, w):
-        logp, neg = token_logprobs(h, w, labels, impl="triton", grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, scale))
+        logp, neg, _ = token_logprobs(h, w, labels, impl="triton", grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, scale))
         return bnf_loss(logp[None], ref[None], neg[None], mask, sign)[0]
 
     return loss

@@ -125,7 +125,7 @@ def test_a_registered_rule_gives_its_own_loss_gradient(impl):
         return (-a * logp + b * logp.exp()).sum()
 
     fused = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
-    logp, _ = token_logprobs(*fused[:2], labels, bias=fused[2], chunk_size=7, impl=impl,
+    logp, *_ = token_logprobs(*fused[:2], labels, bias=fused[2], chunk_size=7, impl=impl,
                              grad_rule=WEIGHTED_NLL, grad_inputs=(a, b))
     (2.0 * loss_of(logp)).backward()  # any constant factor upstream
     naive = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
@@ -179,9 +179,7 @@ def test_kernel_layer_imports_no_loss():
 
 def test_fp32_slices_cover_the_whole_accumulator(monkeypatch):
     """The fallback for a torch whose CUDA addmm cannot accumulate half inputs into fp32: row slices of the
-    accumulator (the last one short) sum to the whole product. (`mm(out_dtype=)` is CUDA-only; emulated.)"""
-    real_mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda x, y, out_dtype=None: real_mm(x.float(), y.float()).to(out_dtype))
+    accumulator (the last one short) sum to the whole product."""
     monkeypatch.setattr(chunked, "SLICE_BYTES", 3 * 5 * 4)  # 3 rows of 5 fp32 per slice
     g = torch.Generator().manual_seed(10)
     acc = torch.randn(11, 5, generator=g)

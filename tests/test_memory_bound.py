@@ -164,7 +164,7 @@ def bnf_single_pass_step(hidden, weight, labels, chunk_size, impl="torch"):
     token_scale = bnf_response_scale(mask, sign)[:, None].expand(mask.shape).reshape(-1)
 
     def step():
-        logp, neg_entropy = token_logprobs(hidden, weight, labels, chunk_size=chunk_size, impl=impl,
+        logp, neg_entropy, _ = token_logprobs(hidden, weight, labels, chunk_size=chunk_size, impl=impl,
                                            grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, token_scale))
         bnf_loss(logp[None], ref[None], neg_entropy[None], mask, sign)[0].backward()
     return step

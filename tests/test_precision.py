@@ -65,7 +65,7 @@ def outputs_and_grads(score, inputs, dtype, single_pass):
     mask = (labels != -100).view(B, T)
     sign, pair_ids = torch.tensor([1, -1, 1, -1]), torch.tensor([0, 0, 1, 1])
     token_scale = bnf_response_scale(mask, sign, pair_ids)[:, None].expand(B, T).reshape(-1)
-    logp, neg_entropy = score(*leaves, (ref, token_scale) if single_pass else None)
+    logp, neg_entropy = score(*leaves, (ref, token_scale) if single_pass else None)[:2]
     logp, neg_entropy = logp.float(), neg_entropy.float()
     if single_pass:
         loss = bnf_loss(logp.view(B, T), ref.view(B, T), neg_entropy.view(B, T), mask, sign, pair_ids)[0]
@@ -124,7 +124,7 @@ def _scaled_fp16_grads(score, hidden, weight, loss_fn, init_scale):
     optimizer = torch.optim.SGD([h, w], lr=0.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     with torch.autocast("cpu", dtype=torch.float16):
-        loss = loss_fn(*score(h, w))
+        loss = loss_fn(*score(h, w)[:2])
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     grads = h.grad.double(), w.grad.double()

@@ -40,7 +40,7 @@ def bnf_inputs(B=3, T=9, H=12, V=41, seed=0, with_bias=True):
 def loss_and_grads(logp_fn, hidden, weight, bias, labels, ref, sign, pair_ids, length_norm, normalizer, B, T):
     mask = (labels != -100).view(B, T)
     scale = bnf_response_scale(mask, sign, pair_ids, length_norm, normalizer)
-    logp, neg_entropy = logp_fn((ref, scale[:, None].expand(B, T).reshape(-1)))
+    logp, neg_entropy = logp_fn((ref, scale[:, None].expand(B, T).reshape(-1)))[:2]
     loss, metrics = bnf_loss(logp.view(B, T), ref.view(B, T), neg_entropy.view(B, T), mask, sign, pair_ids,
                              length_norm=length_norm, normalizer=normalizer)
     leaves = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
@@ -84,7 +84,7 @@ def test_any_other_use_of_the_log_probs_fails_loudly():
     hidden, weight, bias, labels, ref, sign, pair_ids = bnf_inputs(B, T)
     mask = (labels != -100).view(B, T)
     scale = bnf_response_scale(mask, sign, pair_ids)[:, None].expand(B, T).reshape(-1)
-    logp, _ = token_logprobs(hidden, weight, labels, bias=bias, impl="torch", grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, scale))
+    logp, *_ = token_logprobs(hidden, weight, labels, bias=bias, impl="torch", grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, scale))
     with pytest.raises(RuntimeError, match="single-pass op built for gradient rule 'bnf' got an upstream gradient"):
         logp.sum().backward()
 
@@ -131,7 +131,7 @@ def test_single_pass_compiles_without_graph_breaks():
 
     def loss_fn(h, w):
         scale = bnf_response_scale(mask, sign, pair_ids)[:, None].expand(B, T).reshape(-1)
-        logp, neg = token_logprobs(torch.tanh(h), w, labels, row_index=rows, impl="torch", chunk_size=5,
+        logp, neg, _ = token_logprobs(torch.tanh(h), w, labels, row_index=rows, impl="torch", chunk_size=5,
                                    grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, scale))
         return bnf_loss(logp.view(B, T), ref.view(B, T), neg.view(B, T), mask, sign, pair_ids)[0]
 

@@ -21,11 +21,12 @@ import torch
 from .chunked import IMPLS, token_logprobs_op
 from .grad_rules import GradRule, get_grad_rule, register_grad_rule
 from .logit_transform import LogitTransform
+from .misuse import SinglePassMisuse, raise_pending
 from .schedule import DEFAULT_WORKSPACE_BYTES, bytes_per_logit, default_chunk_size
 from .single_pass import single_pass_op
 
 __all__ = ["token_logprobs", "default_chunk_size", "resolve_impl", "LogitTransform", "DEFAULT_WORKSPACE_BYTES",
-           "GradRule", "register_grad_rule", "bytes_per_logit"]
+           "GradRule", "register_grad_rule", "bytes_per_logit", "SinglePassMisuse", "raise_pending"]
 
 
 def triton_available(device: torch.device) -> bool:
@@ -77,20 +78,30 @@ def token_logprobs(
         impl: "auto", "torch" or "triton".
         row_index: the indices of the scored rows, when the caller knows them (e.g. computed on the CPU
             by a data collator). The op then needs no device-to-host synchronisation at all; otherwise it
-            finds them with `nonzero` (one sync) and checks the labels are in the vocabulary. When every
-            row is scored (`row_index` has N entries), the rows are used in place, without a copy.
+            finds them with `nonzero` (one sync) and checks the labels are in the vocabulary. With
+            `row_index`, a label outside the vocabulary is never read: its row's `logp` is NaN (which the
+            trainer's step guard skips). When every row is scored (`row_index` has N entries), the rows are
+            used in place, without a copy.
         grad_rule, grad_inputs: a registered `GradRule` (or its name) and its two per-row inputs `(a [N],
             b [N])` when `logp` feeds that rule's loss and nothing else: the gradient, `rule.grad(logp, a,
-            b)` per row, is then built during the forward (one logits pass instead of two). Backward checks
-            that the upstream gradient is that one up to a constant factor. Ignored when no gradient is
-            needed.
+            b)` per row, is then built during the forward (one logits pass instead of two), and returned as a
+            third output, which the loss should use as its gradient w.r.t. `logp` (`step_loss` does). Backward
+            checks that the upstream gradient is that one up to a constant factor, within the rounding of
+            the rule's inputs; anything else raises `SinglePassMisuse` (on CUDA at the next call: no host
+            sync) and makes that backward's gradients NaN. Without a gradient (no_grad, or no input that
+            needs one) the plain op runs and the third output is the rule evaluated on its `logp`.
         return_lse: also return each row's log-partition `log Z = logsumexp_v z_v` (of the transformed
             logits), which the op computes anyway: the label's logit is then `z_y = logp + log Z`. Value
             only, and only without a gradient rule's pass (it is for scoring, not for training).
 
+    Inputs are brought to one compute dtype as `nn.Linear` under autocast would: autocast's dtype when it is
+    on, else the weight's (an fp32 bias or fp32 hidden states beside a bf16 head are cast; their gradients
+    come back in their own dtype). CUDA inputs run on their own device, whichever is current.
+
     Returns:
-        `(logp, neg_entropy)`, both fp32 `[N]`; `neg_entropy` carries no gradient. With `return_lse`, a third
-        fp32 `[N]`: log Z (0 on unscored rows).
+        `(logp, neg_entropy)`, both fp32 `[N]`; `neg_entropy` carries no gradient. With a `grad_rule`, a third
+        fp32 `[N]`: the rule's d loss / d logp (no gradient). With `return_lse`, a third fp32 `[N]`: log Z.
+        Unscored rows hold 0 in every output.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
         raise ValueError(
@@ -123,25 +134,25 @@ def token_logprobs(
     else:
         scored = labels.index_select(0, row_index)
 
-    # Under autocast, compute in the autocast dtype (as the model's own lm_head would).
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    elif hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(v, hidden.dtype, impl=impl, device_type=hidden.device.type)
+    # One compute dtype, as the model's own lm_head would use: autocast's, else the weight's.
+    dtype = (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
+             else weight.dtype)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(v, hidden.dtype, impl=impl, device_type=hidden.device.type,
+                                        hidden_size=h if need[1] else 0)
     every_row = row_index.shape[0] == n  # a shape, not a value: no sync
 
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t if every_row else t.index_select(0, row_index)
 
     with torch.autocast(hidden.device.type, enabled=False):
-        if rule is not None and torch.is_grad_enabled() and any(need):
+        if rule is not None:
             a, b = (rows(t.reshape(-1)).float().detach() for t in grad_inputs)
-            logp_s, neg_entropy_s, *_ = single_pass_op(
+        if rule is not None and torch.is_grad_enabled() and any(need):
+            logp_s, neg_entropy_s, rule_grad_s, *_ = single_pass_op(
                 rows(hidden), weight, bias, scored, rule.name, a, b, scale, softcap, chunk_size, impl, *need
             )
         else:
@@ -149,7 +160,9 @@ def token_logprobs(
             logp_s, neg_entropy_s, lse_s, _ = token_logprobs_op(
                 rows(hidden), weight, bias, scored, scale, softcap, chunk_size, impl, hidden_grad_only
             )
-    extra = (lse_s.detach(),) if return_lse else ()
+            if rule is not None:
+                rule_grad_s = rule.grad(logp_s.detach(), a, b).float()
+    extra = (rule_grad_s.detach(),) if rule is not None else (lse_s.detach(),) if return_lse else ()
     if every_row:
         return (logp_s, neg_entropy_s.detach(), *extra)
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_copy(0, row_index, logp_s)

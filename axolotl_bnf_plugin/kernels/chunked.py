@@ -16,7 +16,7 @@ Unneeded gradients are skipped.
 
 A frozen head (LoRA) needs only `d hidden`, and row r's is its upstream gradient times
 d logp_r / d hidden_r = (onehot(y_r) - p_r) @ W, which the forward can build while it holds the block
-(`grad_rules.UNIT_GRAD_RULE`: statistics and d logits in one row pass, then one matmul). Backward then
+(statistics and d logits for a unit upstream gradient in one row pass, then one matmul). Backward then
 scales rows and recomputes nothing: 4*N*H*V flops, what plain PyTorch executes, instead of 6. The saved
 `[N, H]` takes the place of the saved hidden states.
 
@@ -25,6 +25,7 @@ no tracing of the chunk loop) and runs no host synchronisation: the row count is
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from typing import Optional
@@ -32,7 +33,6 @@ from typing import Optional
 import torch
 
 from .fake import fake_grads, fake_rows
-from .grad_rules import UNIT_GRAD_RULE
 from .logit_transform import LogitTransform
 from .schedule import vocab_slice_cols
 from .workspace import Workspace
@@ -48,45 +48,95 @@ def row_ops(impl: str):
     return importlib.import_module(f"{__package__}.{impl}_rows")
 
 
-# Whether this torch's CUDA `addmm` accepts an fp32 accumulator with half inputs (`out_dtype`); None until
-# the first try. Where it does not, the product goes through `_add_product_in_slices`.
-_FP32_ADDMM = {"ok": None}
 SLICE_BYTES = 64 * 1024 * 1024
+
+# Per (device type, dtype): whether this torch has a GEMM that accumulates half-precision products into an
+# fp32 output (`addmm(..., out_dtype=float32)`); asked once with a 1x1 product (`accumulating_gemm`).
+_ACCUMULATING_GEMM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def accumulating_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `addmm(acc_fp32, a, b, out_dtype=float32)` runs for `dtype` inputs on this device type.
+
+    Only the errors that mean "no such kernel" (`NotImplementedError`, from the dispatcher) or "no such
+    keyword" (`TypeError`, an older torch) answer no; anything else propagates. The answer and the path it
+    selects are logged once.
+    """
+    key = (device.type, dtype)
+    if key not in _ACCUMULATING_GEMM:
+        one = torch.ones(1, 1, dtype=dtype, device=device)
+        acc = torch.zeros(1, 1, dtype=torch.float32, device=device)
+        try:
+            torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+            _ACCUMULATING_GEMM[key] = True
+            LOG.info("fp32 accumulation of %s products on %s: one GEMM with an fp32 output (addmm out_dtype)",
+                     dtype, device.type)
+        except (NotImplementedError, TypeError) as exc:
+            _ACCUMULATING_GEMM[key] = False
+            path = f"fp32 slices of at most {SLICE_BYTES // 2**20} MiB" if device.type == "cuda" else "fp32 copies"
+            LOG.info("fp32 accumulation of %s products on %s: torch %s has no accumulating GEMM (%s); using %s",
+                     dtype, device.type, torch.__version__, str(exc).split("\n")[0][:120], path)
+    return _ACCUMULATING_GEMM[key]
 
 
 def _add_product_in_slices(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b through fp32 products of at most SLICE_BYTES (acc's rows in slices): bounded memory
     where the accumulating GEMM is not available."""
-    rows = max(1, SLICE_BYTES // (acc.shape[1] * 4))
+    rows, b32 = max(1, SLICE_BYTES // (acc.shape[1] * 4)), b.float()  # b: a chunk's rows or a weight slice
     for start in range(0, acc.shape[0], rows):
-        acc[start:start + rows] += torch.mm(a[start:start + rows], b, out_dtype=torch.float32)
+        acc[start:start + rows].addmm_(a[start:start + rows].float(), b32)
 
 
 def add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, `acc` fp32, in place and without a temporary of acc's size.
+    """acc += a @ b, `acc` fp32, in place.
 
-    CUDA: one cuBLAS GEMM reads and writes the fp32 accumulator from half inputs (`out_dtype`; a torch
-    without it falls back to bounded fp32 slices, logged once). CPU with half inputs (which has no such
-    GEMM): through fp32 copies of `a` (a logits block) and `b` (`h_c` or a weight slice), which the
-    schedule charges (`schedule.bytes_per_logit`, `vocab_slice_cols`).
+    fp32 inputs: one `addmm_`. Half inputs: one GEMM that reads and writes the fp32 accumulator
+    (`accumulating_gemm`: cuBLAS on CUDA); where torch has none, bounded fp32 slices on CUDA, and on the CPU
+    fp32 copies of `a` (a logits block) and `b` (`h_c` or a weight slice), which the schedule charges
+    (`schedule.bytes_per_logit`, `vocab_slice_cols`).
     """
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
+    elif accumulating_gemm(acc.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     elif acc.is_cuda:
-        if _FP32_ADDMM["ok"] is not False:
-            try:
-                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-                _FP32_ADDMM["ok"] = True
-                return
-            except (RuntimeError, TypeError) as exc:  # no such kernel / no such keyword in this torch
-                if _FP32_ADDMM["ok"]:
-                    raise
-                _FP32_ADDMM["ok"] = False
-                LOG.warning("torch %s cannot accumulate a half-precision product into fp32 in one GEMM (%s); "
-                            "using fp32 slices of %d MiB instead", torch.__version__, exc, SLICE_BYTES // 2**20)
         _add_product_in_slices(acc, a, b)
     else:
         acc.addmm_(a.float(), b.float())
+
+
+def on_device(tensor: torch.Tensor):
+    """Make the tensor's CUDA device current for the body: a Triton launch (and a new CUDA stream or event)
+    goes to the current device, which need not be the one a model's head lives on (`cuda:1`)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def no_double_backward(what: str) -> None:
+    """Refuse `create_graph=True`: these backwards are built from saved values and custom ops, so a gradient
+    they returned would carry no graph and a second derivative would silently come out as zero."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what} does not support double backward (create_graph=True); compute higher "
+                           "derivatives with materialised logits instead")
+
+
+def _graph_is_freed() -> bool:
+    """True inside a backward that frees the graph afterwards (no `retain_graph`): saved tensors may then be
+    overwritten. Unknown (an older torch, or outside a backward) counts as kept."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    try:
+        return keep is not None and not keep()
+    except RuntimeError:
+        return False
+
+
+def scaled_gradient(saved: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`saved * factor` in `dtype`, computed in fp32, without an fp32 temporary of `saved`'s size: into a
+    new tensor of `dtype` (a second backward with `retain_graph=True` finds `saved` unchanged), or, for an
+    fp32 result in a backward that frees the graph, into `saved` itself (no second fp32 `[V, H]`)."""
+    factor = factor.reshape(1)  # a 1-element tensor takes part in type promotion: fp32 arithmetic
+    if dtype == torch.float32 and saved.dtype == torch.float32 and _graph_is_freed():
+        return saved.mul_(factor)
+    return torch.mul(saved, factor, out=torch.empty(saved.shape, dtype=dtype, device=saved.device))
 
 
 def _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl, hidden_grad_only):
@@ -95,14 +145,12 @@ def _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl, hid
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     neg_entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
     dlogp_dhidden = torch.empty_like(hidden) if hidden_grad_only else hidden.new_empty(0)
-    ones = torch.ones(n if hidden_grad_only else 0, dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         block = workspace.project(hidden[start:stop], weight, bias)
-        if hidden_grad_only:
-            logp[start:stop], neg_entropy[start:stop], _, lse[start:stop], dlogits = ops.rule_pass_(
-                block, labels[start:stop], UNIT_GRAD_RULE, ones[start:stop], ones[start:stop], ones[0], transform,
-                workspace)
+        if hidden_grad_only:  # d logp / d logits = onehot(y) - p: the d logits of a unit upstream gradient
+            logp[start:stop], neg_entropy[start:stop], lse[start:stop], dlogits = ops.rule_pass_(
+                block, labels[start:stop], torch.ones_like, transform, workspace)
             torch.mm(dlogits, weight, out=dlogp_dhidden[start:stop])
             continue
         lse_c, z_y, expected_z = ops.stats(block, labels[start:stop], transform, workspace)
@@ -204,7 +252,8 @@ def token_logprobs_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, neg_entropy, lse, d logp / d hidden) for rows that are all scored; see `kernels.token_logprobs`.
     The last is built only with `hidden_grad_only` (the caller trains hidden and nothing else), else empty."""
-    return _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl, hidden_grad_only)
+    with on_device(hidden):
+        return _forward(hidden, weight, bias, labels, scale, softcap, chunk_size, impl, hidden_grad_only)
 
 
 @token_logprobs_op.register_fake
@@ -229,8 +278,9 @@ def token_logprobs_backward_op(
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. (hidden, weight, bias); an unneeded one is an empty tensor."""
-    return _backward(grad_logp, hidden, weight, bias, labels, lse, scale, softcap, chunk_size, impl,
-                     need_h, need_w, need_b)
+    with on_device(hidden):
+        return _backward(grad_logp, hidden, weight, bias, labels, lse, scale, softcap, chunk_size, impl,
+                         need_h, need_w, need_b)
 
 
 @token_logprobs_backward_op.register_fake
@@ -251,6 +301,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, grad_logp, *_unused):
+    no_double_backward("the fused log-prob op")
     if grad_logp is None:
         return (None,) * 9
     if ctx.hidden_grad_only:

@@ -10,20 +10,29 @@ rule's name, so the kernel layer knows no loss. A rule gives:
 - `grad(logp, a, b)`: d loss / d logp per row, from fp32 `[C]` tensors, in PyTorch;
 - `bound(a, b)`: a per-row upper bound on |grad|, known before the pass. The op scales the d logits by
   a power of two that brings the largest bound to (1/2, 1], so half-precision blocks hold them without
-  underflow (see `single_pass.py`);
-- optionally `triton_grad`: the same function as a `@triton.jit` function of three fp32 scalars, which the
-  Triton back-end calls inside its one-pass row kernel. Without it, the Triton path runs the statistics
-  kernel, `grad` in PyTorch and the d-logits kernel: the same numbers, one more read of the block.
+  underflow (see `single_pass.py`).
+
+The rule runs once per block, in PyTorch, on both back-ends (the Triton one runs its statistics kernel,
+then the rule, then its d-logits kernel), and the op returns the values it produced: a loss that takes
+them as its gradient (`step_loss`) can never disagree with the gradient the forward built, whatever the
+rounding. A rule may be ill-conditioned where a loss's own evaluation of it would differ (BNF near
+p = 1); `rounding_slack` measures how far, so the op's check of its upstream gradient tolerates exactly
+that much.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 Grad = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Bound = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# How many fp32 rounding steps of its inputs a loss's own evaluation of a rule may be off by: p = exp(logp)
+# computed by another exp (Triton's on a GPU is within 2 ulp), an input stored and reloaded, a product
+# formed in another order.
+ROUNDING_ULPS = 4
 
 
 @dataclass(frozen=True)
@@ -33,7 +42,6 @@ class GradRule:
     name: str
     grad: Grad
     bound: Bound
-    triton_grad: Any = None
 
 
 _RULES: dict[str, GradRule] = {}
@@ -67,26 +75,20 @@ def prescale(bound: torch.Tensor) -> torch.Tensor:
     return torch.exp2(-torch.ceil(torch.log2(largest)))
 
 
-def _unit_grad(logp: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.ones_like(logp)
+def rounding_slack(rule: GradRule, logp: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   grad: torch.Tensor) -> torch.Tensor:
+    """Per row, how far `rule.grad` moves when its inputs move by `ROUNDING_ULPS` fp32 roundings.
 
-
-def _unit_bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.ones_like(a)
-
-
-try:
-    import triton
-    import triton.language as tl  # noqa: F401  (a @triton.jit function's module must have it)
-except ImportError:  # the PyTorch back-end needs no Triton form
-    _unit_triton = None
-else:
-    @triton.jit
-    def _unit_triton(logp, a, b):
-        return logp * 0.0 + 1.0
-
-
-# d logp / d logp = 1: a pass with it leaves d logp / d logits (onehot(y) - p) in the block, whose product
-# with the weight is d logp / d hidden. With a frozen head that is the whole backward, up to each row's
-# upstream gradient, so the forward computes it (`chunked.py`) and no logits are recomputed.
-UNIT_GRAD_RULE = register_grad_rule(GradRule("unit", grad=_unit_grad, bound=_unit_bound, triton_grad=_unit_triton))
+    logp and a move by that many units of fp32 precision in absolute terms (scaled by 1 + |x|: an error in
+    p = exp(logp) of one ulp near p = 1 is an absolute error of one ulp in logp), b by as many in relative
+    terms. The largest change over the corners of that box bounds the difference between two honest
+    evaluations of the rule on the same numbers.
+    """
+    step = ROUNDING_ULPS * torch.finfo(torch.float32).eps
+    dl, da = step * (1 + logp.abs()), step * (1 + a.abs())
+    slack = step * grad.abs()
+    for sl in (-1.0, 1.0):
+        for sa in (-1.0, 1.0):
+            moved = rule.grad(logp + sl * dl, a + sa * da, b).float()
+            slack = torch.maximum(slack, (moved - grad).abs() + step * grad.abs())
+    return torch.where(torch.isfinite(slack), slack, torch.zeros_like(slack))

@@ -13,6 +13,16 @@ Large blocks matter for speed as much as small ones for memory: every row chunk 
 `[V, H]` weight and, when `d weight` is accumulated over row chunks, reads and writes its fp32
 accumulator; and a GEMM with few rows leaves most of a large GPU idle. So the default workspace is spent
 fully, and rows are rounded to multiples of 64 (a GEMM tile) when that many fit.
+
+Bytes, not only flops. A chunk's `d weight` GEMM into the fp32 `[V, H]` accumulator does 2 * rows * V * H
+flops and reads and writes 8 * V * H bytes: it is bandwidth-bound below rows = 4 * (flops per byte of the
+GPU), about 1180 rows on an H100 (989 TFLOP/s bf16 over 3.35 TB/s), 820 on an H200. With a large vocabulary
+and hidden size the 256 MiB block holds fewer rows than that (512 at V = 262144 in bf16), and the
+accumulator's traffic would cost more than the GEMM's math. So on CUDA, when `d weight` accumulates over
+row chunks, the block may grow to `COMPUTE_BOUND_ROWS` rows, taking up to a quarter of the accumulator's
+own size (which is what the op's memory is dominated by then). The vocabulary-sliced backward's fp32
+`[N, H]` `d hidden` accumulator is the same product with the roles swapped: its slices get at least
+`COMPUTE_BOUND_ROWS` columns on CUDA where a quarter of that accumulator allows.
 """
 from __future__ import annotations
 
@@ -24,6 +34,10 @@ DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
 # Fewest vocabulary columns a slice of the vocabulary-sliced backward may have before it falls back to
 # row chunks: below this the slice's GEMMs get too thin to run well.
 MIN_SLICE_COLS = 1024
+
+# Rows (or vocabulary columns) a GEMM accumulating into an fp32 operand needs to be compute-bound on the
+# GPUs this targets: 4 * peak flops / bandwidth is about 1180 on an H100, 820 on an H200; with margin.
+COMPUTE_BOUND_ROWS = 2048
 
 
 def element_bytes(dtype: torch.dtype) -> int:
@@ -60,9 +74,18 @@ def rows_per_block(vocab_size: int, dtype: torch.dtype, impl: str = "torch", dev
 
 
 def default_chunk_size(vocab_size: int, dtype: torch.dtype, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-                       impl: str = "torch", device_type: str = "cuda") -> int:
-    """Rows per block of the row-chunked passes (the name the trainer's `bnf_loss_chunk_size` overrides)."""
-    return rows_per_block(vocab_size, dtype, impl, device_type, workspace_bytes)
+                       impl: str = "torch", device_type: str = "cuda", hidden_size: int = 0) -> int:
+    """Rows per block of the row-chunked passes (the name the trainer's `bnf_loss_chunk_size` overrides).
+
+    `hidden_size` > 0 says `d weight` is needed (an fp32 `[V, H]` accumulator may be read and written per
+    chunk): on CUDA the block then grows towards `COMPUTE_BOUND_ROWS` rows, up to a quarter of that
+    accumulator's bytes (module docstring)."""
+    rows = rows_per_block(vocab_size, dtype, impl, device_type, workspace_bytes)
+    if device_type != "cuda" or hidden_size <= 0 or rows >= COMPUTE_BOUND_ROWS:
+        return rows
+    quarter_of_accumulator = vocab_size * hidden_size  # 4 bytes per element / 4
+    return min(COMPUTE_BOUND_ROWS,
+               max(rows, rows_per_block(vocab_size, dtype, impl, device_type, quarter_of_accumulator)))
 
 
 def vocab_slice_cols(rows: int, vocab_size: int, dtype: torch.dtype, impl: str = "torch",
@@ -79,6 +102,10 @@ def vocab_slice_cols(rows: int, vocab_size: int, dtype: torch.dtype, impl: str =
     budget = workspace_bytes if chunk_size is None else chunk_size * vocab_size * per_logit
     upcast_weight = 4 * hidden_size if device_type != "cuda" and element_bytes(dtype) < 4 else 0
     cols = budget // (max(rows, 1) * per_logit + upcast_weight)
+    if device_type == "cuda" and cols < COMPUTE_BOUND_ROWS and hidden_size > 0:
+        # Each slice reads and writes the fp32 [N, H] d-hidden accumulator: wider slices, the block taking up
+        # to a quarter of that accumulator (N * H bytes, i.e. H / per_logit columns).
+        cols = max(cols, min(COMPUTE_BOUND_ROWS, hidden_size // per_logit))
     if cols >= vocab_size:
         return vocab_size
     if cols < max(MIN_SLICE_COLS, 1):

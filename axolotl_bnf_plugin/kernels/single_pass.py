@@ -6,16 +6,21 @@ soon as that log-prob is (a registered `GradRule`, e.g. BNF's `scale_r * w(logp,
 scale the loss treats as constants), each block, once reduced to its statistics, is overwritten with
 d logits at once (`rule_pass_`) and fed to the two gradient matmuls: 6*N*H*V flops, one fp32 `[V, H]`
 accumulator for d weight. The gradients wait for backward, where they are multiplied by the one scalar the
-loss's upstream gradient can still apply (a loss scale, an averaging factor). That upstream gradient must
-be proportional to the predicted one; backward checks it (without a host sync) so any other use fails.
+loss's upstream gradient can still apply (a loss scale, an averaging factor).
+
+The op returns the rule's values (`grad_logp`): a loss that uses them as its gradient agrees with the
+forward's by construction. Backward still checks that the upstream gradient is the predicted one times a
+constant, within what rounding the rule's inputs allows (`grad_rules.rounding_slack`), so that any other
+use of `logp` is caught; that check raises a Python error (`misuse.py`), never a device-side assert, and
+poisons the step's gradients so the step guard skips it.
 
 Half precision: the two-pass op's d logits carry the upstream gradient, so an fp16 loss scale (2^16)
 lifts them out of fp16's underflow range. Here they are built before that scale exists, from a token
 gradient that may be of order 1 / (n * N_i) (~3e-5) times probabilities far below 1, and would flush to
 zero. So the forward builds them for the rule's gradient times a power of two (`grad_rules.prescale` of
 the rule's bound: largest |value| in (1/2, 1], exact in any dtype); d weight / d bias stay in their fp32
-accumulators and d hidden holds bounded values, and backward multiplies by (upstream factor / prescale)
-in fp32 before casting to the inputs' dtype.
+accumulators and d hidden holds bounded values, and backward multiplies by (upstream factor / prescale),
+in fp32 arithmetic, writing the inputs' dtype.
 """
 from __future__ import annotations
 
@@ -23,15 +28,21 @@ from typing import Optional
 
 import torch
 
-from .chunked import GradBuffers, row_ops
+from . import misuse
+from .chunked import GradBuffers, no_double_backward, on_device, row_ops, scaled_gradient
 from .fake import fake_grads, fake_rows
-from .grad_rules import get_grad_rule, prescale
+from .grad_rules import get_grad_rule, prescale, rounding_slack
 from .logit_transform import LogitTransform
 from .workspace import Workspace
+
+# The upstream gradient must match the predicted one times a constant to this fraction of its largest value,
+# beyond the rounding slack of each row.
+FIT_TOLERANCE = 1e-4
 
 
 def _forward(hidden, weight, bias, labels, rule_name, a, b, scale, softcap, chunk_size, impl, need_h, need_w,
              need_b):
+    misuse.raise_pending()
     ops, transform, rule = row_ops(impl), LogitTransform(scale=scale, softcap=softcap), get_grad_rule(rule_name)
     factor = prescale(rule.bound(a, b))
     n = labels.shape[0]
@@ -42,10 +53,21 @@ def _forward(hidden, weight, bias, labels, rule_name, a, b, scale, softcap, chun
         stop = min(start + chunk_size, n)
         h_c = hidden[start:stop]
         block = workspace.project(h_c, weight, bias)
-        logp[start:stop], neg_entropy[start:stop], grad_logp[start:stop], _, dlogits = ops.rule_pass_(
-            block, labels[start:stop], rule, a[start:stop], b[start:stop], factor, transform, workspace)
+
+        def row_grad(logp_c, start=start, stop=stop):
+            grad_logp[start:stop] = rule.grad(logp_c, a[start:stop], b[start:stop])
+            return grad_logp[start:stop] * factor
+
+        logp[start:stop], neg_entropy[start:stop], _, dlogits = ops.rule_pass_(
+            block, labels[start:stop], row_grad, transform, workspace)
         grads.add(dlogits, h_c, start, stop)
-    return (logp, neg_entropy, grad_logp, factor, *grads.result(keep_fp32=True))
+    slack = rounding_slack(rule, logp, a, b, grad_logp)
+    return (logp, neg_entropy, grad_logp, slack, factor, *grads.result(keep_fp32=True))
+
+
+def forward(*args):
+    with on_device(args[0]):
+        return _forward(*args)
 
 
 @torch.library.custom_op("axolotl_bnf::single_pass", mutates_args=())
@@ -64,17 +86,18 @@ def single_pass_op(
     need_h: bool,
     need_w: bool,
     need_b: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, neg_entropy, predicted d loss / d logp, prescale, d hidden, d weight, d bias) for all-scored
-    rows, by the registered gradient rule `rule` with per-row inputs `a`, `b`; the gradients are for the
-    predicted one times `prescale`, d weight / d bias in fp32."""
-    return _forward(hidden, weight, bias, labels, rule, a, b, scale, softcap, chunk_size, impl, need_h, need_w,
-                    need_b)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """(logp, neg_entropy, predicted d loss / d logp, its rounding slack, prescale, d hidden, d weight, d bias)
+    for all-scored rows, by the registered gradient rule `rule` with per-row inputs `a`, `b`; the gradients
+    are for the predicted one times `prescale`, d weight / d bias in fp32."""
+    return forward(hidden, weight, bias, labels, rule, a, b, scale, softcap, chunk_size, impl, need_h, need_w,
+                   need_b)
 
 
 @single_pass_op.register_fake
 def _(hidden, weight, bias, labels, rule, a, b, scale, softcap, chunk_size, impl, need_h, need_w, need_b):
-    return (*fake_rows(hidden, labels, 3), hidden.new_empty((), dtype=torch.float32),
+    return (*fake_rows(hidden, labels, 4), hidden.new_empty((), dtype=torch.float32),
             *fake_grads(hidden, weight, need_h, need_w, need_b, weight_dtype=torch.float32))
 
 
@@ -89,36 +112,48 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def upstream_factor(grad_logp: torch.Tensor, predicted: torch.Tensor, rule: str) -> torch.Tensor:
-    """The scalar s with grad_logp = s * predicted (least squares); asserts, asynchronously, that it fits.
+def upstream_factor(grad_logp: torch.Tensor, predicted: torch.Tensor, slack: torch.Tensor, rule: str) -> torch.Tensor:
+    """The scalar s with grad_logp = s * predicted; NaN (and a `SinglePassMisuse`) when no such s fits.
 
-    Non-finite inputs give a non-finite s, so the gradients are non-finite too and the step is skipped.
+    s is the least-squares fit over the rows whose predicted value rounding cannot move by more than the
+    tolerance (all rows when there are none); every row must then match to within s times (its rounding
+    slack + FIT_TOLERANCE * the largest predicted value). Non-finite inputs give a non-finite s: those reach
+    the gradients, where the trainer's step guard skips the step; they are not a misuse.
     """
-    grad_logp = grad_logp.float()
-    factor = (grad_logp * predicted).sum() / (predicted * predicted).sum().clamp(min=1e-30)
-    residual = (grad_logp - factor * predicted).abs().max() if grad_logp.numel() else grad_logp.new_zeros(())
-    bound = 1e-4 * grad_logp.abs().max() + 1e-30 if grad_logp.numel() else grad_logp.new_ones(())
-    # Non-finite values are not a misuse: they reach the gradients, where the trainer's step guard skips the step.
-    fits = (residual <= bound) | ~torch.isfinite(residual) | ~torch.isfinite(bound)
-    torch._assert_async(
+    g, p = grad_logp.float(), predicted
+    if not g.numel():
+        return g.new_ones(())
+    floor = FIT_TOLERANCE * p.abs().amax()
+    trusted = (slack <= floor).float()
+    num_t, den_t = (trusted * g * p).sum(), (trusted * p * p).sum()
+    num, den = (g * p).sum(), (p * p).sum()
+    factor = torch.where(den_t > 0, num_t / den_t.clamp(min=1e-30), num / den.clamp(min=1e-30))
+    excess = ((g - factor * p).abs() - factor.abs() * (slack + floor)).amax()
+    fits = (excess <= 1e-30) | ~torch.isfinite(excess)
+    misuse.report(
         fits,
         f"the single-pass op built for gradient rule {rule!r} got an upstream gradient that is not its predicted "
-        "one times a constant: it may only feed the loss whose rule it is (use token_logprobs without grad_rule "
-        "otherwise)",
+        "one times a constant: its log-probs may only feed the loss whose rule it is, and that step's gradients "
+        "were made non-finite so it is skipped. Call token_logprobs without grad_rule for any other use, or "
+        "give the loss the op's third output (the rule's gradient) as its gradient w.r.t. logp",
     )
-    return factor
+    return torch.where(fits, factor, torch.full_like(factor, float("nan")))
 
 
 def _backward(ctx, grad_logp, *_unused):
-    predicted, factor_in_forward, grad_h, grad_w, grad_b = ctx.saved_tensors
+    no_double_backward("the single-pass op")
+    misuse.raise_pending()
+    if grad_logp is None:
+        return (None,) * 14
+    predicted, slack, factor_in_forward, grad_h, grad_w, grad_b = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    # fp32: a 2^16 loss scale is itself out of fp16's range.
-    factor = upstream_factor(grad_logp, predicted, ctx.rule) / factor_in_forward
-    # In place: the saved gradients are used once, and a scaled fp32 copy of `d weight` would be a second [V, H].
-    return (grad_h.float().mul_(factor).to(grad_h.dtype) if need_h else None,
-            grad_w.mul_(factor).to(ctx.weight_dtype) if need_w else None,
-            grad_b.mul_(factor).to(ctx.weight_dtype) if need_b and ctx.has_bias else None,
-            None, None, None, None, None, None, None, None, None, None, None)
+    with on_device(predicted):
+        # fp32: a 2^16 loss scale is itself out of fp16's range.
+        factor = upstream_factor(grad_logp, predicted, slack, ctx.rule) / factor_in_forward
+        return (scaled_gradient(grad_h, factor, grad_h.dtype) if need_h else None,
+                scaled_gradient(grad_w, factor, ctx.weight_dtype) if need_w else None,
+                scaled_gradient(grad_b, factor, ctx.weight_dtype) if need_b and ctx.has_bias else None,
+                None, None, None, None, None, None, None, None, None, None, None)
 
 
 single_pass_op.register_autograd(_backward, setup_context=_setup_context)

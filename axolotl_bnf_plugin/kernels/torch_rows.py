@@ -2,7 +2,7 @@
 
 - `stats`: per-row log-sum-exp, label logit and `sum_v p_v z_v`;
 - `dlogits_`: d loss / d(raw logits) for an upstream gradient on the label log-prob;
-- `rule_pass_`: both, with the upstream gradient given by a `GradRule` in between (the single pass).
+- `rule_pass_`: both, with the upstream gradient computed from the statistics in between (the single pass).
 The Triton back-end implements the same three functions; the chunk loops and the matmuls around them are
 shared (`chunked.py`, `single_pass.py`).
 
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .grad_rules import GradRule
+from typing import Callable
+
 from .logit_transform import LogitTransform
 from .workspace import Workspace
 
@@ -35,11 +36,19 @@ def _scratch(workspace: Workspace | None, like: torch.Tensor) -> torch.Tensor:
     return workspace.take("scratch", like.shape, torch.float32, like.device)
 
 
+def label_logits(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """z[r, y_r], NaN where y_r is not a column of the block: a label out of the vocabulary (which a caller
+    passing `row_index` has not checked) never reads outside its row, and poisons only its own row."""
+    inside = (labels >= 0) & (labels < z.shape[1])
+    picked = z.gather(1, labels.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+    return torch.where(inside, picked, torch.full_like(picked, float("nan")))
+
+
 def _stats(z: torch.Tensor, labels: torch.Tensor, workspace: Workspace | None, keep_z: bool):
     """(lse, z_y, E_p[z], e, s) with e = exp(z - max) in the scratch and s its row sums. Overwrites `z`
     unless `keep_z` (a soft-capped block's chain rule needs it), which costs a slower row dot product."""
     m = z.amax(1, keepdim=True)
-    z_y = z.gather(1, labels[:, None]).squeeze(1)
+    z_y = label_logits(z, labels)
     e = _scratch(workspace, z)
     if keep_z:
         torch.sub(z, m, out=e).exp_()
@@ -87,15 +96,14 @@ def dlogits_(block: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad:
     return _finish(block, dz, z, transform)
 
 
-def rule_pass_(block: torch.Tensor, labels: torch.Tensor, rule: GradRule, a: torch.Tensor, b: torch.Tensor,
-               prescale: torch.Tensor, transform: LogitTransform, workspace: Workspace | None = None):
-    """Statistics of the block, the rule's gradient, and d logits for that gradient times `prescale`.
-    Returns fp32 (logp, neg_entropy, grad, lse) per row and the tensor holding the d logits."""
+def rule_pass_(block: torch.Tensor, labels: torch.Tensor, row_grad: Callable[[torch.Tensor], torch.Tensor],
+               transform: LogitTransform, workspace: Workspace | None = None):
+    """Statistics of the block, then `row_grad(logp)` (each row's upstream gradient, fp32), then the d logits
+    for it. Returns fp32 (logp, neg_entropy, lse) per row and the tensor holding the d logits."""
     z = logits(block, transform)
     lse, z_y, expected_z, e, s = _stats(z, labels, workspace, keep_z=transform.softcap is not None)
     logp = z_y - lse
-    grad = rule.grad(logp, a, b).float()
-    scaled = grad * prescale
-    dz = e.mul_((-scaled / s)[:, None])  # -grad * p
-    _add_label_term(dz, labels, scaled, 0)
-    return logp, expected_z - lse, grad, lse, _finish(block, dz, z, transform)
+    grad = row_grad(logp).float()
+    dz = e.mul_((-grad / s)[:, None])  # -grad * p
+    _add_label_term(dz, labels, grad, 0)
+    return logp, expected_z - lse, lse, _finish(block, dz, z, transform)

@@ -6,19 +6,21 @@
 - `_dlogits_kernel`, one program per (row, tile): d logits depend on the row only through its lse, label
   and upstream gradient, so the block is a flat elementwise map, launched over every tile at once to keep
   all of HBM's bandwidth busy. It takes a column offset, so it serves vocabulary slices too.
-- `_rule_pass_kernel`, one program per row: the statistics, then the loss's gradient rule (a `@triton.jit`
-  function passed as a compile-time argument), then the d logits written over the row, in one launch. The
-  second read of the row follows the first closely, while the row is still in L2.
+- `rule_pass_` (the single pass): the statistics kernel, the row's upstream gradient computed from them in
+  PyTorch (a loss's gradient rule: one implementation of it, shared with the loss, see `grad_rules`), then
+  the d-logits kernel.
+A label outside the row's columns is never loaded: its logit reads as NaN, which poisons only that row.
 All arithmetic is fp32 whatever the block's dtype; tanh is written with exp so the interpreter runs it.
 The kernels allocate nothing: the `workspace` argument the PyTorch back-end uses for its scratch is unused.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
 
-from .grad_rules import GradRule
 from .logit_transform import LogitTransform
 
 
@@ -63,7 +65,9 @@ def _row_stats(base, label, V, scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFT
         s = s * rescale + tl.sum(e, axis=0)
         t = t * rescale + tl.sum(e * tl.where(inside, z, 0.0), axis=0)
         m = m_new
-    z_y = _transform(tl.load(base + label).to(tl.float32), scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    valid = (label >= 0) & (label < V)
+    z_y = _transform(tl.load(base + label, mask=valid, other=float("nan")).to(tl.float32), scale, softcap,
+                     HAS_SCALE, HAS_SOFTCAP)
     return m + tl.log(s), z_y, t / s
 
 
@@ -92,30 +96,6 @@ def _dlogits_kernel(block_ptr, stride_row, labels_ptr, lse_ptr, grad_ptr, V, col
     dz = _dz(z, cols, label, tl.load(lse_ptr + row), tl.load(grad_ptr + row), scale, softcap, HAS_SCALE,
              HAS_SOFTCAP)
     tl.store(base + cols, dz.to(block_ptr.dtype.element_ty), mask=inside)
-
-
-@triton.jit
-def _rule_pass_kernel(block_ptr, stride_row, labels_ptr, a_ptr, b_ptr, prescale_ptr, logp_ptr, negent_ptr,
-                      grad_ptr, lse_ptr, V, scale, softcap, RULE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = block_ptr + row * stride_row
-    label = tl.load(labels_ptr + row)
-    lse, z_y, ez = _row_stats(base, label, V, scale, softcap, HAS_SCALE, HAS_SOFTCAP, BLOCK_V)
-    logp = z_y - lse
-    grad = RULE(logp, tl.load(a_ptr + row).to(tl.float32), tl.load(b_ptr + row).to(tl.float32))
-    tl.store(logp_ptr + row, logp)
-    tl.store(negent_ptr + row, ez - lse)
-    tl.store(grad_ptr + row, grad)
-    tl.store(lse_ptr + row, lse)
-    grad = grad * tl.load(prescale_ptr)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        inside = cols < V
-        raw = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32)
-        z = _transform(raw, scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        dz = _dz(z, cols, label, lse, grad, scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        tl.store(base + cols, dz.to(block_ptr.dtype.element_ty), mask=inside)
 
 
 # Vocabulary columns per tile of a row's loop (a power of two), and per program of the elementwise kernel.
@@ -162,23 +142,11 @@ def dlogits_(block: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad:
     return block
 
 
-def rule_pass_(block: torch.Tensor, labels: torch.Tensor, rule: GradRule, a: torch.Tensor, b: torch.Tensor,
-               prescale: torch.Tensor, transform: LogitTransform, workspace=None):
-    """One kernel when the rule has a Triton form; else statistics, the rule in PyTorch, d logits. Returns
-    fp32 (logp, neg_entropy, grad, lse) per row and the block, overwritten with its d logits."""
-    if rule.triton_grad is None:
-        lse, z_y, expected_z = stats(block, labels, transform)
-        logp = z_y - lse
-        grad = rule.grad(logp, a, b).float()
-        dlogits_(block, labels, lse, grad * prescale, transform)
-        return logp, expected_z - lse, grad, lse, block
-    rows, vocab = block.shape
-    logp = torch.empty(rows, dtype=torch.float32, device=block.device)
-    neg_entropy, grad, lse = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
-    if rows:
-        bv = _block_v(vocab, MAX_BLOCK_V)
-        _rule_pass_kernel[(rows,)](block, block.stride(0), labels, a.contiguous(), b.contiguous(),
-                                   prescale.float().reshape(1), logp, neg_entropy, grad, lse, vocab,
-                                   RULE=rule.triton_grad, BLOCK_V=bv, num_warps=_warps(bv), **_flags(transform))
-    return logp, neg_entropy, grad, lse, block
-
+def rule_pass_(block: torch.Tensor, labels: torch.Tensor, row_grad: Callable[[torch.Tensor], torch.Tensor],
+               transform: LogitTransform, workspace=None):
+    """Statistics, `row_grad(logp)` (each row's upstream gradient) in PyTorch, d logits. Returns fp32
+    (logp, neg_entropy, lse) per row and the block, overwritten with its d logits."""
+    lse, z_y, expected_z = stats(block, labels, transform)
+    logp = z_y - lse
+    dlogits_(block, labels, lse, row_grad(logp), transform)
+    return logp, expected_z - lse, lse, block

@@ -11,6 +11,7 @@ pass: `BNF_GRAD_RULE`, registered as "bnf", with `grad_inputs = (ref_logp, token
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,12 +40,21 @@ class BNFOptions(BaseModel):
     )
 
 
+_LOG_EPS = math.log(1e-6)
+
+
 def bnf_token_weight(logp: torch.Tensor, ref_logp: torch.Tensor):
-    """(q, c, w) per token: the target's label mass q, the spread factor c, and w = dg/dl = q - c * p_y."""
-    p_y = logp.exp()
-    q = torch.clamp(p_y / (ref_logp.exp() + 1e-6), max=1.0)
-    c = (1.0 - q + 1e-6) / (1.0 - p_y + 1e-6)
-    return q, c, q - c * p_y
+    """(q, c, w) per token: the target's label mass q, the spread factor c, and w = dg/dl = q - c * p_y.
+
+    With q = min(p_y / (p_ref + 1e-6), 1) and c = (1 - q + 1e-6) / (1 - p_y + 1e-6), evaluated from the
+    log-probs: 1 - p_y as -expm1(l) and 1 - q as -expm1(log q). Computed as 1 - exp(l), a confident token
+    (p_y > 1 - 1e-6, common among template and easy tokens) would lose most of 1 - p_y to the rounding of
+    p_y, and one ulp of p_y would move w by several percent.
+    """
+    log_q = torch.clamp(logp - torch.logaddexp(ref_logp, torch.full_like(ref_logp, _LOG_EPS)), max=0.0)
+    q = log_q.exp()
+    c = (1e-6 - torch.expm1(log_q)) / (1e-6 - torch.expm1(logp))
+    return q, c, q - c * logp.exp()
 
 
 def bnf_length_normalizer(lengths: torch.Tensor, length_norm: str) -> torch.Tensor:
@@ -140,25 +150,7 @@ def _bound(ref_logp: torch.Tensor, token_scale: torch.Tensor) -> torch.Tensor:
     return token_scale.abs()  # |w| <= 1: q and c * p_y both lie in [0, 1]
 
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-if triton is not None:
-    @triton.jit
-    def _triton_grad(logp, ref_logp, token_scale):
-        """`_grad` on fp32 scalars, for the fused row kernel (`kernels/triton_rows.py`) to inline."""
-        p_y = tl.exp(logp)
-        q = tl.minimum(p_y / (tl.exp(ref_logp) + 1e-6), 1.0)
-        c = (1.0 - q + 1e-6) / (1.0 - p_y + 1e-6)
-        return token_scale * (q - c * p_y)
-else:
-    _triton_grad = None
-
-
-BNF_GRAD_RULE = register_grad_rule(GradRule("bnf", grad=_grad, bound=_bound, triton_grad=_triton_grad))
+BNF_GRAD_RULE = register_grad_rule(GradRule("bnf", grad=_grad, bound=_bound))
 
 
 @register
