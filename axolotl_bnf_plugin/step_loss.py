@@ -6,7 +6,7 @@ the full logits), and feeds them with the output embedding to the fused `token_l
 with the data (the batch's `ref_logps` column), or scored here by a live reference (`initial_policy`: a
 frozen copy, the policy with a fresh adapter disabled, or with a frozen snapshot of a continued adapter).
 Where the method has a gradient rule, the policy's pass builds the gradient in its forward, and the loss
-takes the rule's values that pass used as its gradient (`with_gradient`).
+takes the rule's values that pass used as its gradient (`kernels.with_rule_gradient`).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 
 from .data.collator import REF_LOGPS, per_position, response_rows
 from .initial_policy import eval_mode
+from .kernels import with_rule_gradient
 from .methods import Method, batch_normalizer, method_class, method_from_config
 from .methods.common import Metrics
 from .model_io import response_token_logps, router_aux_coef
@@ -81,24 +82,12 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
     else:
         loss, metrics = method.loss(logp.detach(), ref_logp, neg_entropy, mask, batch["sign"], batch["pair_ids"],
                                     normalizer=normalizer)
-        loss = with_gradient(loss, logp, response_rows(batch, rule_grad)[1])
+        loss = with_rule_gradient(loss, logp, response_rows(batch, rule_grad)[1])
     if ref_logp is not None:
         metrics.merge(shift_metrics(logp, ref_logp, mask, batch["sign"]))
     if aux_coef is not None:
         loss = _add_router_aux(loss, metrics, aux[0], aux_coef, batch, normalizer)
     return loss, metrics
-
-
-def with_gradient(loss: torch.Tensor, logp: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
-    """`loss`'s value, with d loss / d logp = `grad_logp` exactly.
-
-    The single pass built its gradients for the rule's values `grad_logp` and checks that the upstream
-    gradient is those times a constant. The method's loss has the same gradient mathematically, but a second
-    evaluation of the rule can round differently, and some rules are ill-conditioned (BNF's weight near
-    p = 1): taking the op's own values means one evaluation feeds both, so they cannot disagree.
-    """
-    linear = (grad_logp.detach() * logp).sum()
-    return loss.detach() + (linear - linear.detach())
 
 
 def _add_router_aux(loss, metrics: Metrics, aux_loss, coef: float, batch, normalizer):

@@ -12,23 +12,26 @@ Each schedule is a list of phases (kernels), each with its flops and the HBM byt
 its phases: kernels run one after another, each limited by compute or by memory. TFLOP/s counts
 6*N*H*V for every schedule (as benchmarks/kernel_bench.py does), so recomputation shows as lost speed.
 
-Chunk sizes come from `axolotl_bnf_plugin.kernels.schedule` (impl "triton", device "cuda"):
-C = rows_per_block(V), k = ceil(N / C) row chunks; S = vocab_slice_cols(N, V) vocabulary columns per
-slice. d = bytes per element of the dtype. Per row chunk of c rows (per slice of s columns):
-- `bnf single pass (ours)`: GEMM h_c @ W^T (2cHV; W + h_c in, block out); one row kernel reading the
-  block twice (once with --l2-hit) and writing d logits in place; d hidden = block @ W (2cVH; block + W
-  in, c*H*d out); d weight addmm into an fp32 [V, H] (2cVH; block + h_c in, the accumulator read and
-  written: 2*V*H*4). Once: zero the accumulator; in backward scale it in place (2*V*H*4), cast it
-  (V*H*4 + V*H*d), and scale d hidden through fp32 (upcast, scale, cast). 6*N*H*V flops.
+Chunk sizes come from `axolotl_bnf_plugin.kernels.schedule` (impl "triton", device "cuda"), as the op
+takes them: C = default_chunk_size(V, hidden_size=H) (grown towards COMPUTE_BOUND_ROWS when d weight
+accumulates over row chunks), k = ceil(N / C) row chunks; S = vocab_slice_cols(N, V, chunk_size=C,
+hidden_size=H) vocabulary columns per slice. d = bytes per element of the dtype. Per row chunk of c rows
+(per slice of s columns):
+- `bnf single pass (ours)`: GEMM h_c @ W^T (2cHV; W + h_c in, block out); the statistics kernel (one read
+  of the block), the rule on c-long vectors, the d logits kernel (one read, one write in place); d hidden
+  = block @ W (2cVH; block + W in, c*H*d out); d weight addmm into an fp32 [V, H] (2cVH; block + h_c in,
+  the accumulator read and written: 2*V*H*4, which makes small chunks bandwidth-bound). Once: zero the
+  accumulator; in backward scale it into the dtype in one pass (V*H*4 + V*H*d) and d hidden in its dtype
+  (2*N*H*d, fp32 arithmetic). 6*N*H*V flops.
 - `two-pass op (ours)`: forward GEMM + a statistics kernel (one read) per row chunk. Backward, vocab
   sliced: block = hidden @ W_s^T (2NHs; N*H*d + s*H*d in, N*s*d out); d logits in place (read + write);
   d weight slice = block^T @ hidden (2sNH; written once in the dtype); d hidden addmm into an fp32
   [N, H] (2NsH; block + W_s in, accumulator read + written); then zero-init and a cast of the fp32
   [N, H]. When S is None the backward is row chunked like the single pass. 8*N*H*V flops.
 - `bnf two-pass (ours)`: the two-pass op plus the BNF loss on N-long vectors (no flops counted).
-- `--frozen-weight` (LoRA: d hidden only): both of ours run the same schedule, per row chunk the GEMM, one
-  row kernel (statistics + d logits; the single pass's, with the unit gradient rule for the two-pass op)
-  and d hidden = block @ W written once in the dtype; backward scales its rows through fp32. 4*N*H*V.
+- `--frozen-weight` (LoRA: d hidden only): both of ours run the same schedule, per row chunk the GEMM, the
+  statistics and d logits kernels (for a unit upstream gradient, or the rule's) and d hidden = block @ W
+  written once in the dtype; backward scales its rows through fp32. 4*N*H*V.
   Naive and Liger drop their d weight GEMM (4*N*H*V and, Liger with reduction="none", 6*N*H*V).
 - `naive`: logits in the dtype, an fp32 copy, log_softmax (reads twice), gather; backward: scatter into
   zeros, log_softmax backward (3 fp32 reads, 1 write), cast to the dtype, two GEMMs reading the grad.
@@ -58,7 +61,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from axolotl_bnf_plugin.kernels.schedule import DEFAULT_WORKSPACE_BYTES, rows_per_block, vocab_slice_cols
+from axolotl_bnf_plugin.kernels.schedule import DEFAULT_WORKSPACE_BYTES, default_chunk_size, vocab_slice_cols
 
 GPUS = {"H100": (989.0, 3.35), "H200": (989.0, 4.8), "H200-measured": (790.0, 4.3)}  # TFLOP/s, TB/s
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -146,20 +149,24 @@ def _row_chunked_grads(N, H, V, d, rows, reads, kernel) -> list[Phase]:
     return phases
 
 
+def chunk_rows(H, V, dtype, workspace, weight_grad=True) -> int:
+    """The op's rows per block (`kernels.token_logprobs` on CUDA with Triton)."""
+    return default_chunk_size(V, dtype, workspace, "triton", "cuda", hidden_size=H if weight_grad else 0)
+
+
 def single_pass(N, H, V, dtype, workspace=DEFAULT_WORKSPACE_BYTES, l2_hit=False) -> Schedule:
-    d, C = dtype.itemsize, rows_per_block(V, dtype, "triton", "cuda", workspace)
-    phases = _row_chunked_grads(N, H, V, d, C, 1 if l2_hit else 2, "row kernel: stats + d logits in place")
-    phases += [Phase("scale d weight in place (fp32)", 0, 2 * V * H * 4),
-               Phase("cast d weight fp32 -> dtype", 0, V * H * 4 + V * H * d),
-               Phase("scale d hidden via fp32 (upcast, scale, cast)", 0, 2 * N * H * d + 4 * N * H * 4)]
+    d, C = dtype.itemsize, chunk_rows(H, V, dtype, workspace)
+    phases = _row_chunked_grads(N, H, V, d, C, 2, "stats kernel, rule, d logits kernel in place")
+    phases += [Phase("scale d weight fp32 -> dtype (one pass)", 0, V * H * 4 + V * H * d),
+               Phase("scale d hidden in its dtype (fp32 math)", 0, 2 * N * H * d)]
     temps = {"block": min(C, N) * V * d, "fp32 [V,H]": V * H * 4}
     return Schedule("bnf single pass (ours)", phases, temps, f"C={C} rows x {math.ceil(N / C)} chunks",
                     {"C": C, "chunks": math.ceil(N / C)})
 
 
 def two_pass(N, H, V, dtype, workspace=DEFAULT_WORKSPACE_BYTES, l2_hit=False, name="two-pass op (ours)") -> Schedule:
-    d, C = dtype.itemsize, rows_per_block(V, dtype, "triton", "cuda", workspace)
-    S = vocab_slice_cols(N, V, dtype, "triton", "cuda", workspace)
+    d, C = dtype.itemsize, chunk_rows(H, V, dtype, workspace)
+    S = vocab_slice_cols(N, V, dtype, "triton", "cuda", workspace, chunk_size=C, hidden_size=H)
     phases = []
     for c, calls in split(N, C):
         phases += [Phase("fwd logits GEMM h_c @ W^T", 2 * c * H * V, V * H * d + c * H * d + c * V * d, calls, True),
@@ -188,12 +195,12 @@ def two_pass(N, H, V, dtype, workspace=DEFAULT_WORKSPACE_BYTES, l2_hit=False, na
 
 def frozen_head(N, H, V, dtype, workspace=DEFAULT_WORKSPACE_BYTES, l2_hit=False, name="two-pass op (ours)") -> Schedule:
     """Ours with a frozen weight: d hidden built in the forward, rows scaled in backward."""
-    d, C = dtype.itemsize, rows_per_block(V, dtype, "triton", "cuda", workspace)
+    d, C = dtype.itemsize, chunk_rows(H, V, dtype, workspace, weight_grad=False)
     phases = []
     for c, calls in split(N, C):
         block = c * V * d
         phases += [Phase("logits GEMM h_c @ W^T", 2 * c * H * V, V * H * d + c * H * d + block, calls, True),
-                   Phase("row kernel: stats + d logits in place", 0, ((1 if l2_hit else 2) + 1) * block, calls),
+                   Phase("stats kernel, d logits kernel in place", 0, 3 * block, calls),
                    Phase("d hidden GEMM block @ W", 2 * c * V * H, block + V * H * d + c * H * d, calls, True)]
     phases.append(Phase("bwd scale d hidden rows (fp32 math)", 0, 2 * N * H * d))
     if name.startswith("bnf"):
@@ -301,10 +308,20 @@ def shape_table(N, H, V, scheds: list[Schedule], gpu: GPU, measured=None) -> lis
             if m and m.get("flops_factor") not in (None, s.flops // (N * H * V)):
                 row += f" measured as {m['flops_factor']}NHV, modelled as {s.flops // (N * H * V)}NHV |"
         lines.append(row)
+    for s in scheds:
+        if "(ours)" in s.name:
+            lines.append(f"\n{s.name}: bandwidth-bound kernels: {bandwidth_bound(s, gpu)}")
     names = {norm(s.name) for s in scheds}
     lines += [f"\nmeasured without a model: {m['method']} {m['ms']:.2f} ms, {m.get('peak_mib') or float('nan'):.0f} MiB"
               for (n, h, v, meth), m in sorted((measured or {}).items()) if (n, h, v) == (N, H, V) and meth not in names]
     return lines
+
+
+def bandwidth_bound(s: Schedule, gpu: GPU) -> str:
+    """The phases whose bytes take longer than their flops, with their share of the schedule's time."""
+    t, phases = s.seconds(gpu), s.by_phase(gpu)
+    bound = [(name, row[3] / t) for name, row in phases.items() if row[5] > row[4] and row[3] / t >= 0.005]
+    return ", ".join(f"{name} ({100 * share:.0f}%)" for name, share in sorted(bound, key=lambda x: -x[1])) or "none"
 
 
 def phase_table(s: Schedule, gpu: GPU) -> list[str]:
@@ -338,7 +355,7 @@ def main(argv=None) -> None:
     p.add_argument("--bandwidth-tbs", type=float, help="override the GPU's HBM bandwidth (TB/s)")
     p.add_argument("--gemm-efficiency", type=float, default=1.0, help="fraction of peak GEMMs reach (1.0 = ideal)")
     p.add_argument("--additive", action="store_true", help="phase time = flops/peak + bytes/bandwidth (no overlap)")
-    p.add_argument("--l2-hit", action="store_true", help="row kernels' second read of the block hits L2")
+    p.add_argument("--l2-hit", action="store_true", help="Liger's CE kernel's second read of the block hits L2")
     p.add_argument("--shapes", nargs="*", help="NxHxV, e.g. 16384x4096x128256")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--workspace-mib", type=int, default=DEFAULT_WORKSPACE_BYTES // MIB)

@@ -1,11 +1,8 @@
 """The single pass on the logits real models produce: confident tokens, a policy equal to its reference.
 
-At step 1 of BNF the policy is its reference up to rounding, and many tokens (chat-template tokens, easy
-continuations) have p > 1 - 1e-6, where BNF's token weight w = q - c p with c = (1 - q + 1e-6) /
-(1 - p + 1e-6) is ill-conditioned in p. The single pass must agree with its own loss there (no misuse error),
-give the two-pass op's gradients, and train. Each regime is built on exact logits (hidden states solved for
-target logits through the head), on both back-ends (Triton in its interpreter on CPU), plain and soft-capped
-/ scaled, in fp32 and fp16.
+The single pass must agree with its own loss there (no misuse error), give the two-pass op's gradients, and
+train: on both back-ends (Triton in its interpreter on CPU), plain and soft-capped / scaled, in fp32 and
+fp16 (the regimes: `logit_regimes.py`; the same sweep runs compiled, in bf16 too, in test_gpu_kernels.py).
 """
 from __future__ import annotations
 
@@ -17,75 +14,24 @@ from conftest import TwoPassBNF
 from test_packing import setup  # noqa: F401  (fixture)
 
 from axolotl_bnf_plugin.data.collator import ResponseBatchCollator, response_rows
+from logit_regimes import REGIMES, TRANSFORMS, bnf_grads, max_rel_err, regime_inputs
+
 from axolotl_bnf_plugin.kernels import SinglePassMisuse, token_logprobs, triton_available
-from axolotl_bnf_plugin.methods.bnf import BNF, BNF_GRAD_RULE, bnf_loss, bnf_response_scale
+from axolotl_bnf_plugin.methods.bnf import BNF, BNF_GRAD_RULE
 from axolotl_bnf_plugin.model_io import response_token_logps
-from axolotl_bnf_plugin.step_loss import LossSettings, batch_loss, with_gradient
+from axolotl_bnf_plugin.step_loss import LossSettings, batch_loss
 
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not triton_available(torch.device("cpu")), reason="Triton cannot run here"))]
-V, H = 40, 48  # H > V: any target logits are reachable exactly
-REGIMES = ("confident, q = 1", "confident, q < 1", "step 1 (p = p_ref)", "near p_ref", "low p")
-
-
-def _raw_for(z: torch.Tensor, transform: dict) -> torch.Tensor:
-    """Raw projections whose transform (scale, then soft-cap) gives the logits z."""
-    raw = z.double()
-    if "softcap" in transform:
-        raw = transform["softcap"] * torch.atanh(raw / transform["softcap"])
-    return raw / transform.get("scale", 1.0)
-
-
-def regime_inputs(transform: dict, dtype: torch.dtype, rows_per_regime: int = 6, seed: int = 0):
-    """(hidden, weight, labels, ref_logp, regime index per row, p per row): every regime's rows in one batch."""
-    g = torch.Generator().manual_seed(seed)
-    n = rows_per_regime * len(REGIMES)
-    labels = torch.randint(0, V, (n,), generator=g)
-    regime = torch.arange(n) // rows_per_regime
-    # Label margins: p = 1 - ~1e-7 .. 1e-8 for the confident rows, moderate p elsewhere, p ~ 1e-5 for low p.
-    margin = torch.tensor([20.0, 21.0, 19.5, 2.0, -8.0], dtype=torch.float64)[regime]
-    z = 0.3 * torch.randn(n, V, generator=g, dtype=torch.float64)
-    z[torch.arange(n), labels] += margin + torch.linspace(0, 1.5, n, dtype=torch.float64)
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5
-    hidden = torch.linalg.lstsq(weight, _raw_for(z, transform).T).solution.T
-    if transform.get("softcap"):
-        z = transform["softcap"] * torch.tanh(z / transform["softcap"])
-    hidden, weight = hidden.to(dtype).float(), weight.to(dtype).float()
-    raw = hidden.double() @ weight.double().T * transform.get("scale", 1.0)
-    if "softcap" in transform:
-        raw = transform["softcap"] * torch.tanh(raw / transform["softcap"])
-    logp = torch.log_softmax(raw, -1).gather(1, labels[:, None])[:, 0]
-    ref = logp.clone()
-    ref[regime == 0] -= 1e-5  # the policy above its reference: q = 1
-    ref[regime == 1] += 3e-6  # below: q < 1
-    ref[regime == 3] += 0.05 * torch.randn(int((regime == 3).sum()), generator=g, dtype=torch.float64)
-    ref[regime == 4] -= 0.5
-    return hidden.to(dtype), weight.to(dtype), labels, ref.float(), regime, logp.exp()
-
-
-def bnf_grads(hidden, weight, labels, ref, impl, transform, single_pass, loss_uses_op_gradient=True):
-    """d hidden, d weight (fp64) of BNF's loss over the rows as one response each (signs alternating)."""
-    n = labels.shape[0]
-    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
-    mask, sign = torch.ones(n, 1, dtype=torch.bool), torch.tensor([1, -1] * (n // 2))
-    scale = bnf_response_scale(mask, sign)
-    kw = dict(grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, scale)) if single_pass else {}
-    logp, neg, *rule_grad = token_logprobs(*leaves, labels, impl=impl, chunk_size=7, **transform, **kw)
-    loss, _ = bnf_loss(logp.float()[:, None], ref[:, None], neg[:, None], mask, sign)
-    if single_pass and loss_uses_op_gradient:
-        loss, _ = bnf_loss(logp.detach()[:, None], ref[:, None], neg[:, None], mask, sign)
-        loss = with_gradient(loss, logp, rule_grad[0])
-    return [g.double() for g in torch.autograd.grad(2.5 * loss, leaves)]
-
-
-TRANSFORMS = [{}, {"softcap": 30.0, "scale": 0.8}]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("transform", TRANSFORMS, ids=["plain", "softcap-scale"])
+@pytest.mark.parametrize("transform", TRANSFORMS)
 def test_single_pass_equals_two_pass_in_every_regime(impl, dtype, transform):
+    transform = TRANSFORMS[transform]
     hidden, weight, labels, ref, regime, p = regime_inputs(transform, dtype)
+    assert len(REGIMES) == 5
     assert (p[regime < 3] > 1 - 1e-6).all() and (p[regime == 4] < 1e-3).all()  # the regimes are what they say
     single = bnf_grads(hidden, weight, labels, ref, impl, transform, single_pass=True)
     two_pass = bnf_grads(hidden, weight, labels, ref, impl, transform, single_pass=False)
@@ -93,20 +39,20 @@ def test_single_pass_equals_two_pass_in_every_regime(impl, dtype, transform):
     rtol = 1e-4 if dtype == torch.float32 else 2e-3
     for name, got, want in zip(("d hidden", "d weight"), single, two_pass):
         assert want.abs().max() > 0, name
-        err = (got - want).abs().max() / want.abs().max()
-        assert err < rtol, f"{name}: {err:.2e}"
+        assert max_rel_err(got, want) < rtol, f"{name}: {max_rel_err(got, want):.2e}"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("transform", TRANSFORMS, ids=["plain", "softcap-scale"])
+@pytest.mark.parametrize("transform", TRANSFORMS)
 def test_a_loss_recomputing_the_rule_is_not_a_misuse(impl, transform):
     """BNF's own loss on the single pass's log-probs, recomputing w itself (as a hand-written loop does): the
     check tolerates the rounding of the rule's inputs, and the gradients agree with the two-pass op's."""
+    transform = TRANSFORMS[transform]
     hidden, weight, labels, ref, _, _ = regime_inputs(transform, torch.float32, seed=1)
     single = bnf_grads(hidden, weight, labels, ref, impl, transform, single_pass=True, loss_uses_op_gradient=False)
     two_pass = bnf_grads(hidden, weight, labels, ref, impl, transform, single_pass=False)
     for got, want in zip(single, two_pass):
-        assert (got - want).abs().max() / want.abs().max() < 1e-4
+        assert max_rel_err(got, want) < 1e-4
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -114,7 +60,7 @@ def test_a_different_loss_is_refused_and_its_step_poisoned(impl):
     hidden, weight, labels, ref, _, _ = regime_inputs({}, torch.float32, seed=2)
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
     scale = torch.full_like(ref, 0.1)
-    logp, _, rule_grad = token_logprobs(*leaves, labels, impl=impl, grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, scale))
+    logp, _, _ = token_logprobs(*leaves, labels, impl=impl, grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, scale))
     loss = (logp * torch.linspace(-1, 1, logp.shape[0])).sum()  # not BNF's: per-row weights of its own
     with pytest.raises(SinglePassMisuse, match="may only feed the loss whose rule it is"):
         loss.backward()

@@ -313,3 +313,81 @@ def test_naive_peak_memory_exceeds_the_bound(memory_inputs):
     peak = extra_peak(memory_loss("naive", labels, upstream), hidden, weight)
     bound = memory_bound("two-pass")
     assert peak > bound, f"naive: extra peak {peak / MIB:.0f} MiB <= bound {bound / MIB:.0f} MiB"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The regimes real models produce (confident tokens, policy = reference), compiled; faults as Python errors
+# --------------------------------------------------------------------------------------------------------------
+
+REGIME_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("transform", ["plain", "softcap-scale"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_pass_equals_two_pass_on_confident_tokens(impl, transform, dtype):
+    from logit_regimes import TRANSFORMS, bnf_grads, max_rel_err, regime_inputs
+
+    options = TRANSFORMS[transform]
+    hidden, weight, labels, ref, regime, p = regime_inputs(options, dtype, device=DEVICE)
+    assert (p[regime < 3] > 1 - 1e-6).all()
+    single = bnf_grads(hidden, weight, labels, ref, impl, options, single_pass=True)
+    two_pass = bnf_grads(hidden, weight, labels, ref, impl, options, single_pass=False)
+    # A loss that recomputes the rule itself (torch's exp, not the kernel's) is not a misuse either.
+    recomputed = bnf_grads(hidden, weight, labels, ref, impl, options, single_pass=True, loss_uses_op_gradient=False)
+    torch.cuda.synchronize()
+    for name, got, other, want in zip(("d hidden", "d weight"), single, recomputed, two_pass):
+        assert torch.isfinite(got).all() and want.abs().max() > 0, name
+        assert max_rel_err(got, want) < REGIME_TOL[dtype], f"{name}: {max_rel_err(got, want):.2e}"
+        assert max_rel_err(other, want) < REGIME_TOL[dtype], f"{name}, recomputed: {max_rel_err(other, want):.2e}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_misuse_is_a_python_error_and_the_gpu_lives_on(impl):
+    """No device-side assert: the wrong loss's gradients come back NaN (the step guard skips them), the error is
+    raised once the flag reaches the host, and the CUDA context still works."""
+    from axolotl_bnf_plugin.kernels import SinglePassMisuse, raise_pending
+    from axolotl_bnf_plugin.methods.bnf import BNF_GRAD_RULE
+    from logit_regimes import regime_inputs
+
+    hidden, weight, labels, ref, _, _ = regime_inputs({}, torch.float32, device=DEVICE, seed=3)
+    h = hidden.clone().requires_grad_()
+    logp, _, _ = token_logprobs(h, weight, labels, impl=impl, grad_rule=BNF_GRAD_RULE,
+                                grad_inputs=(ref, torch.full_like(ref, 0.1)))
+    (logp * torch.linspace(-1, 1, logp.shape[0], device=DEVICE)).sum().backward()  # returns: no host sync
+    assert torch.isnan(h.grad).all()
+    with pytest.raises(SinglePassMisuse, match="may only feed the loss whose rule it is"):
+        raise_pending(wait=True)
+    raise_pending(wait=True)  # reported once
+    logp, _ = token_logprobs(hidden, weight, labels, impl=impl)
+    assert torch.isfinite(logp).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_an_out_of_vocabulary_label_with_row_index_reads_nothing(impl):
+    hidden = torch.randn(64, 32, device=DEVICE, dtype=DTYPE)
+    weight = torch.randn(1000, 32, device=DEVICE, dtype=DTYPE)
+    labels = torch.randint(0, 1000, (64,), device=DEVICE)
+    labels[5], labels[9] = 10**9, -3
+    logp, neg = token_logprobs(hidden, weight, labels, row_index=torch.arange(64, device=DEVICE), impl=impl)
+    torch.cuda.synchronize()
+    assert torch.isnan(logp[[5, 9]]).all() and torch.isfinite(logp[:5]).all() and torch.isfinite(neg).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_head_on_another_gpu_runs_there(impl):
+    """Launches go to the tensors' device, not the current one (a model split across GPUs)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(300, 64, generator=g), torch.randn(5000, 64, generator=g)
+    labels, upstream = torch.randint(0, 5000, (300,), generator=g), torch.randn(300, generator=g)
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        h, w = hidden.to(device).requires_grad_(), weight.to(device).requires_grad_()
+        with torch.cuda.device(0):
+            logp, _ = token_logprobs(h, w, labels.to(device), impl=impl)
+            (logp * upstream.to(device)).sum().backward()
+        results.append([t.cpu() for t in (logp.detach(), h.grad, w.grad)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

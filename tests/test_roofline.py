@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from axolotl_bnf_plugin.kernels.schedule import DEFAULT_WORKSPACE_BYTES, rows_per_block, vocab_slice_cols
+from axolotl_bnf_plugin.kernels.schedule import (COMPUTE_BOUND_ROWS, DEFAULT_WORKSPACE_BYTES, default_chunk_size,
+                                                 vocab_slice_cols)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "roofline.py"
 _spec = importlib.util.spec_from_file_location("roofline", SCRIPT)
@@ -52,20 +53,27 @@ def test_frozen_weight_flops_drop_the_weight_products(shape, liger_reduction):
         assert s.model_flops(N, H, V) == 4 * N * H * V
 
 
+def _rows(H, V, ws=DEFAULT_WORKSPACE_BYTES, weight_grad=True):
+    return default_chunk_size(V, BF16, ws, "triton", "cuda", hidden_size=H if weight_grad else 0)
+
+
+def _cols(N, H, V, ws=DEFAULT_WORKSPACE_BYTES):
+    return vocab_slice_cols(N, V, BF16, "triton", "cuda", ws, chunk_size=_rows(H, V, ws), hidden_size=H)
+
+
 def test_row_chunked_fallback_backward_also_counts_8_nhv():
-    N, H, V, ws = 16384, 4096, 128256, 16 * MIB
-    assert vocab_slice_cols(N, V, BF16, "triton", "cuda", ws) is None
+    N, H, V, ws = 16384, 128, 128256, 16 * MIB
+    assert _cols(N, H, V, ws) is None
     s = rl.two_pass(N, H, V, BF16, ws)
     assert s.flops == 8 * N * H * V
-    assert s.temporaries == {"block": rows_per_block(V, BF16, "triton", "cuda", ws) * V * 2, "fp32 [V,H]": V * H * 4}
+    assert s.temporaries == {"block": _rows(H, V, ws) * V * 2, "fp32 [V,H]": V * H * 4}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("workspace", [DEFAULT_WORKSPACE_BYTES, 128 * MIB, 1024 * MIB])
 def test_chunk_sizes_come_from_the_package_schedule(shape, workspace):
     N, H, V = shape
-    C = rows_per_block(V, BF16, "triton", "cuda", workspace)
-    S = vocab_slice_cols(N, V, BF16, "triton", "cuda", workspace)
+    C, S = _rows(H, V, workspace), _cols(N, H, V, workspace)
     sp, tp = rl.single_pass(N, H, V, BF16, workspace), rl.two_pass(N, H, V, BF16, workspace)
     assert sp.extra == {"C": C, "chunks": math.ceil(N / C)} and tp.extra == {"C": C, "S": S}
     calls = {name: row[0] for name, row in sp.by_phase(rl.GPU("x", 1, 1)).items()}
@@ -76,22 +84,36 @@ def test_chunk_sizes_come_from_the_package_schedule(shape, workspace):
         assert calls["fwd logits GEMM h_c @ W^T"] == math.ceil(N / C)
 
 
-def test_single_pass_accumulator_traffic_scales_with_the_chunk_count():
+def test_single_pass_accumulator_traffic_is_per_chunk():
     H = 4096
     for N, V in [(16384, 128256), (32768, 128256), (16384, 151936), (32768, 151936)]:
-        traffic = {}
-        for mib in (256, 512):
+        for mib in (256, 1024):
             s = rl.single_pass(N, H, V, BF16, mib * MIB)
             addmm = [p for p in s.phases if p.name == "d weight addmm into fp32 [V,H]"]
-            chunks = sum(p.calls for p in addmm)
-            assert chunks == math.ceil(N / rows_per_block(V, BF16, "triton", "cuda", mib * MIB))
+            assert sum(p.calls for p in addmm) == math.ceil(N / _rows(H, V, mib * MIB))
             # Each addmm reads and writes the whole fp32 [V, H]; the rest of its bytes is the block and h_c.
             assert all(p.bytes == p.flops // (2 * V * H) * (V * 2 + H * 2) + 2 * V * H * 4 for p in addmm)
-            traffic[mib] = chunks * 2 * V * H * 4
-        assert 0.4 <= traffic[512] / traffic[256] <= 0.6, (N, V, traffic)
-    # Exactly half where the rounded row counts double (V=128256: 1024 -> 2048 rows).
-    a, b = (rl.single_pass(16384, H, 128256, BF16, m * MIB).extra["chunks"] for m in (256, 512))
-    assert b * 2 == a
+    # A larger workspace than the compute-bound chunk needs halves the chunks, and the accumulator traffic.
+    a, b = (rl.single_pass(16384, H, 128256, BF16, m * MIB).extra["chunks"] for m in (1024, 2048))
+    assert a == 2 * b
+
+
+@pytest.mark.parametrize("gpu_name", ["H100", "H200"])
+@pytest.mark.parametrize("shape", rl.DEFAULT_SHAPES + [(16384, 8192, 262144), (32768, 5120, 262144)])
+def test_the_single_pass_gemms_are_compute_bound_at_the_default_chunk(gpu_name, shape):
+    """The accumulator's 8 V H bytes per chunk stay below the GEMM's 2 C V H flops: the default chunk grows
+    past the 256 MiB block where the vocabulary is large (512 rows at V = 262144) up to COMPUTE_BOUND_ROWS."""
+    N, H, V = shape
+    gpu = rl.GPU(gpu_name, *rl.GPUS[gpu_name])
+    phases = rl.single_pass(N, H, V, BF16).by_phase(gpu)
+    for name, (calls, flops, by, seconds, compute, memory) in phases.items():
+        if "GEMM" in name or "addmm" in name:
+            assert compute >= memory, (name, compute, memory)
+    assert _rows(H, V) >= min(COMPUTE_BOUND_ROWS, N)
+    before = DEFAULT_WORKSPACE_BYTES // (V * 2)  # rows in the 256 MiB block alone
+    if before < 1180:  # the H100's bound
+        addmm = rl.Phase("d weight addmm", 2 * before * V * H, before * (V + H) * 2 + 8 * V * H, 1, True)
+        assert addmm.times(gpu)[1] > addmm.times(gpu)[0] or gpu_name == "H200"
 
 
 @pytest.mark.parametrize("gpu_name", list(rl.GPUS))
@@ -125,10 +147,11 @@ def test_naive_moves_more_bytes_than_the_fused_schedules_at_llama3_vocab():
 
 def test_temporaries_match_the_ops_bound():
     N, H, V = 16384, 4096, 128256
-    C, S = rows_per_block(V, BF16, "triton"), vocab_slice_cols(N, V, BF16, "triton")
+    C, S = _rows(H, V), _cols(N, H, V)
     assert rl.single_pass(N, H, V, BF16).temporaries == {"block": C * V * 2, "fp32 [V,H]": V * H * 4}
     assert rl.two_pass(N, H, V, BF16).temporaries == {"block": N * S * 2, "fp32 [N,H]": N * H * 4}
-    assert C * V * 2 <= DEFAULT_WORKSPACE_BYTES and N * S * 2 <= DEFAULT_WORKSPACE_BYTES
+    # The block grows past the workspace only up to a quarter of the fp32 [V, H] accumulator it serves.
+    assert C * V * 2 <= max(DEFAULT_WORKSPACE_BYTES, V * H) and N * S * 2 <= max(DEFAULT_WORKSPACE_BYTES, V * H)
     assert sum(rl.naive(N, H, V, BF16).temporaries.values()) == 12 * N * V
 
 
@@ -178,4 +201,6 @@ def test_default_run_prints_every_shape_and_the_workspace_section():
         assert f"#### single pass vs workspace, N={N} H={H} V={V}" in out
     assert out.count("| bnf single pass (ours) |") == len(rl.DEFAULT_SHAPES)
     out = _run("--gpu", "H100", "--phases", "--shapes", "4096x4096x128256", "--peak-tflops", "800", "--bandwidth-tbs", "3")
-    assert "800 TFLOP/s, 3 TB/s" in out and "| d weight addmm into fp32 [V,H] | 4 |" in out
+    chunks = math.ceil(4096 / _rows(4096, 128256))
+    assert "800 TFLOP/s, 3 TB/s" in out and f"| d weight addmm into fp32 [V,H] | {chunks} |" in out
+    assert "bnf single pass (ours): bandwidth-bound kernels: stats kernel, rule, d logits kernel in place" in out

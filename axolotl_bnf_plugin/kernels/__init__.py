@@ -23,10 +23,11 @@ from .grad_rules import GradRule, get_grad_rule, register_grad_rule
 from .logit_transform import LogitTransform
 from .misuse import SinglePassMisuse, raise_pending
 from .schedule import DEFAULT_WORKSPACE_BYTES, bytes_per_logit, default_chunk_size
-from .single_pass import single_pass_op
+from .single_pass import single_pass_op, with_rule_gradient
 
 __all__ = ["token_logprobs", "default_chunk_size", "resolve_impl", "LogitTransform", "DEFAULT_WORKSPACE_BYTES",
-           "GradRule", "register_grad_rule", "bytes_per_logit", "SinglePassMisuse", "raise_pending"]
+           "GradRule", "register_grad_rule", "bytes_per_logit", "SinglePassMisuse", "raise_pending",
+           "with_rule_gradient"]
 
 
 def triton_available(device: torch.device) -> bool:
@@ -85,7 +86,8 @@ def token_logprobs(
         grad_rule, grad_inputs: a registered `GradRule` (or its name) and its two per-row inputs `(a [N],
             b [N])` when `logp` feeds that rule's loss and nothing else: the gradient, `rule.grad(logp, a,
             b)` per row, is then built during the forward (one logits pass instead of two), and returned as a
-            third output, which the loss should use as its gradient w.r.t. `logp` (`step_loss` does). Backward
+            third output, which the loss should use as its gradient w.r.t. `logp` (`with_rule_gradient(loss,
+            logp, rule_grad)`, as the trainer does). Backward
             checks that the upstream gradient is that one up to a constant factor, within the rounding of
             the rule's inputs; anything else raises `SinglePassMisuse` (on CUDA at the next call: no host
             sync) and makes that backward's gradients NaN. Without a gradient (no_grad, or no input that

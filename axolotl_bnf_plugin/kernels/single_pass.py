@@ -40,6 +40,17 @@ from .workspace import Workspace
 FIT_TOLERANCE = 1e-4
 
 
+def with_rule_gradient(loss: torch.Tensor, logp: torch.Tensor, rule_grad: torch.Tensor) -> torch.Tensor:
+    """`loss`'s value, with d loss / d logp = `rule_grad` exactly: the single pass's third output.
+
+    The rule's loss has that gradient mathematically, but its own evaluation of the rule can round
+    differently, and some rules are ill-conditioned (BNF's weight near p = 1). Taking the op's values means
+    one evaluation feeds both the gradients built in the forward and the loss's backward.
+    """
+    linear = (rule_grad.detach() * logp).sum()
+    return loss.detach() + (linear - linear.detach())
+
+
 def _forward(hidden, weight, bias, labels, rule_name, a, b, scale, softcap, chunk_size, impl, need_h, need_w,
              need_b):
     misuse.raise_pending()
