@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 
 import torch
 
-from axolotl.utils.logging import get_logger
-
 from .model_io import unwrap_peft
 
-LOG = get_logger(__name__)
+LOG = logging.getLogger(__name__)
 
 SNAPSHOT_ADAPTER = "bnf_initial_policy"
 

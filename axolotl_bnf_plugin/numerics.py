@@ -8,14 +8,13 @@ error instead of running on for hours. In multi-process runs every process takes
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from transformers import TrainerCallback
 
-from axolotl.utils.logging import get_logger
-
-LOG = get_logger(__name__)
+LOG = logging.getLogger(__name__)
 
 
 class NonFiniteStepError(RuntimeError):

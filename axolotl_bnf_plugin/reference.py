@@ -19,25 +19,27 @@ whether a cache was reused or written, and under which key.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from hashlib import md5
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
-from datasets import Dataset, Features, Sequence, Value, load_from_disk
 from tqdm.auto import tqdm
-
-from axolotl.utils.logging import get_logger
 
 from .data.collator import REF_LOGPS, ResponseBatchCollator, response_rows
 from .initial_policy import adapter_is_identity, eval_mode
 from .model_io import response_token_logps, unwrap, unwrap_peft
 from .weights_fingerprint import model_fingerprint, tensors_fingerprint
 
-LOG = get_logger(__name__)
+# `datasets` (and its pyarrow) is imported by the functions that hash or cache a `Dataset`: scoring a plain list
+# of examples (`initial_policy_logps`, e.g. in your own training loop) needs neither.
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+LOG = logging.getLogger(__name__)
 REF_COLUMN = REF_LOGPS
 
 
@@ -120,6 +122,9 @@ def _content_hash(dataset: Dataset) -> str:
     """Hash of the selected examples' tokens and signs, in order. (A fingerprint differs between a
     prepared data set and the same data loaded back from disk; the content does not. The rows are read
     through the data set's index mapping, so the two halves of a train / validation split differ.)"""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     table = dataset.with_format("arrow")[:]
     digest = md5(str(len(dataset)).encode())
     for column in ("response_input_ids", "response_prompt_len", "response_sign"):
@@ -169,6 +174,8 @@ def _save(values, feature, path: Path) -> None:
     """Write the cache atomically (a temporary directory renamed into place), from one process per node."""
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return
+    from datasets import Dataset, Features
+
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     Dataset.from_dict({REF_COLUMN: values}, features=Features({REF_COLUMN: feature})).save_to_disk(str(tmp))
     try:
@@ -182,6 +189,8 @@ def _save(values, feature, path: Path) -> None:
 def with_reference_logps(dataset: Dataset, model, collator, batch_size: int, device, cache_dir: str | Path | None,
                          chunk_size: int | None = None, impl: str = "auto", split: str = "train") -> Dataset:
     """`dataset` plus the `ref_logps` column, loaded from the cache or scored (and cached)."""
+    from datasets import Sequence, Value, load_from_disk
+
     if REF_COLUMN in dataset.column_names:
         return dataset
     key = cache_key(dataset, model)

@@ -13,6 +13,7 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.logging import get_logger
 
+from . import initial_policy, numerics, reference
 from .args import plugin_settings
 from .data.collator import REF_LOGPS, ResponseBatchCollator, leading_examples
 from .initial_policy import DisabledAdapter, live_reference  # noqa: F401 (DisabledAdapter: public)
@@ -22,10 +23,15 @@ from .metric_sums import MetricSums
 from .model_io import router_aux_coef, unwrap
 from .numerics import StepGuard, StepGuardCallback
 from .processes import launched_processes
+from .reference import with_reference_logps
 from .step_loss import LossSettings, batch_loss
 from .telemetry import DisplacementMonitor, PhaseMemory, method_card, preflight, preflight_text
 
 LOG = get_logger(__name__)
+# These modules also run without Axolotl, on standard-library loggers. In an Axolotl run they log through
+# Axolotl's logger like the rest of the plugin: their INFO lines shown, from the main process only.
+for _module in (initial_policy, numerics, reference):
+    _module.LOG = get_logger(_module.__name__)
 
 # Metrics the trainer itself logs at every training log, whatever the method (the method's own come from
 # its loss). "examples_seen" is read back from the log history when a run resumes; the name before 0.2 too.
@@ -138,8 +144,6 @@ class BNFTrainer(AxolotlTrainer):
         only with `asft_shift_on_train` (one forward pass over the training data, about a third of an epoch's
         compute, before step 1).
         """
-        from .reference import with_reference_logps
-
         baseline = not self.method.needs_ref_logps
         train = self.precomputed_reference or (baseline and self.plugin_config.asft_shift_on_train)
         evaluate = self.precomputed_reference or (baseline and self.plugin_config.bnf_shift_metrics)
