@@ -130,12 +130,13 @@ def _graph_is_freed() -> bool:
 
 
 def scaled_gradient(saved: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`saved * factor` in `dtype`, computed in fp32, without an fp32 temporary of `saved`'s size: into a
-    new tensor of `dtype` (a second backward with `retain_graph=True` finds `saved` unchanged), or, for an
-    fp32 result in a backward that frees the graph, into `saved` itself (no second fp32 `[V, H]`)."""
+    """`saved * factor` in `dtype`, in fp32 arithmetic, leaving `saved` as it was when the graph is kept (a
+    second backward with `retain_graph=True` finds it unchanged), and without an fp32 temporary of `saved`'s
+    size: on CUDA one kernel reads `saved` and writes the result in `dtype`; on the CPU, whose kernels would
+    cast through an fp32 temporary, an fp32 `saved` is scaled in place when the graph is freed."""
     factor = factor.reshape(1)  # a 1-element tensor takes part in type promotion: fp32 arithmetic
-    if dtype == torch.float32 and saved.dtype == torch.float32 and _graph_is_freed():
-        return saved.mul_(factor)
+    if not saved.is_cuda and saved.dtype == torch.float32 and _graph_is_freed():
+        return saved.mul_(factor).to(dtype)
     return torch.mul(saved, factor, out=torch.empty(saved.shape, dtype=dtype, device=saved.device))
 
 
