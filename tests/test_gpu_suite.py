@@ -1,10 +1,12 @@
-"""`benchmarks/gpu_suite.sh` runs end to end in its smoke mode (tiny shapes, CPU), so the one script a GPU
-session runs is never broken by the time a GPU is lent: every step reports success in summary.txt, the
-benchmark and the frozen-weight benchmark write one row per (shape, method), and the README-ready table
-holds both captions."""
+"""`benchmarks/gpu_suite.sh` runs end to end in its smoke mode (tiny shapes, CPU), so that the script a GPU
+machine runs is known to work before a GPU runs it: every step reports success in summary.txt, the
+kernel benchmark and the frozen-weight benchmark write one row per (shape, method), the training step one
+measured row per (model, full / LoRA, unpacked / packed, method), at most 8 files come back, and the
+README-ready tables.md holds every table."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +14,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SHAPES, SMOKE_FROZEN_SHAPES = 2, 1  # benchmarks/gpu_suite.sh, smoke mode
+OUT_FILES = {"summary.txt", "gpu_tests.log", "kernel_bench.jsonl", "kernel_bench_frozen.jsonl", "kernel_bench.log",
+             "train_step.jsonl", "train_step.log", "tables.md"}  # at most 8 files come back from a GPU machine
+TRAIN_MODELS = {"llama3-8b": "Llama-3-8B", "qwen2.5-7b": "Qwen2.5-7B"}  # benchmarks/train_step_bench.py
+TRAIN_METHODS = {"bnf": "BNF single pass", "bnf-two-pass": "BNF two-pass",
+                 "bnf-precomputed": "BNF, precomputed reference", "asft": "ASFT", "dpo-naive": "naive DPO (full logits)"}
 
 
 def test_gpu_suite_smoke_mode_runs_every_step(tmp_path):
@@ -19,9 +26,10 @@ def test_gpu_suite_smoke_mode_runs_every_step(tmp_path):
     env = {**os.environ, "OUT": str(out), "GPU_SUITE_SMOKE": "1", "PYTHON": sys.executable,
            "SUITE_SITE": str(tmp_path / "site")}
     proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1500)
+                          timeout=1700)
     summary = (out / "summary.txt").read_text()
     assert proc.returncode == 0, summary + proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert set(os.listdir(out)) == OUT_FILES
 
     lines = summary.splitlines()
     tests = [line for line in lines if line.startswith("tests ")]
@@ -29,6 +37,12 @@ def test_gpu_suite_smoke_mode_runs_every_step(tmp_path):
     assert any(line.startswith("benchmark: exit 0;") for line in lines), summary
     assert any(line.startswith("frozen-weight benchmark: exit 0;") for line in lines), summary
     assert any(line.startswith("roofline: exit 0") for line in lines), summary
+    cases = len(TRAIN_MODELS) * 2 * 2 * len(TRAIN_METHODS)
+    assert f"train step: exit 0; {cases} of {cases} rows measured in train_step.jsonl" in lines, summary
+    assert "train step table: exit 0 -> tables.md" in lines, summary
+    # The machine, in the same file: the plugin from the working tree, and the modules the steps import.
+    assert summary.count("axolotl_bnf_plugin.kernels from") == 1
+    assert "import axolotl_bnf_plugin.methods ok" in lines and "import axolotl_bnf_plugin.step_loss ok" in lines
 
     rows = [json.loads(x) for x in (out / "kernel_bench.jsonl").read_text().splitlines()]
     frozen = [json.loads(x) for x in (out / "kernel_bench_frozen.jsonl").read_text().splitlines()]
@@ -39,6 +53,23 @@ def test_gpu_suite_smoke_mode_runs_every_step(tmp_path):
     ours = next(r for r in frozen if r["method"] == "two-pass op (ours)")
     assert ours["ms"] > 0 and ours["flops_factor"] == 4
 
-    table = (out / "kernel_table.md").read_text()
+    steps = [json.loads(x) for x in (out / "train_step.jsonl").read_text().splitlines()]
+    cased = {(r["model"], r["tuning"], r["layout"], r["method"]) for r in steps}
+    assert len(steps) == cases and cased == {(m, t, layout, k) for m in TRAIN_MODELS for t in ("full", "lora")
+                                             for layout in ("unpacked", "packed") for k in TRAIN_METHODS}
+    for r in steps:
+        assert "error" not in r and "skipped" not in r, r
+        assert math.isfinite(r["s_per_step"]) and r["s_per_step"] > 0, r
+        assert math.isfinite(r["peak_mib"]) and r["peak_mib"] > 0 and r["tokens_per_s"] > 0, r
+        assert all(math.isfinite(x) for x in r["losses"]), r
+        assert r["rows"] == (1 if r["layout"] == "packed" else 2 * r["pairs"]), r
+
+    table = (out / "tables.md").read_text()
     assert "into hidden and weight" in table and "into hidden only (frozen weight)" in table
-    assert (out / "env.txt").read_text().count("axolotl_bnf_plugin.kernels from") == 1
+    assert "Roofline model" in table  # benchmarks/roofline.py's own heading
+    training = table[table.index("# Training step"):]
+    assert training.count("Training step, CPU") == len(TRAIN_MODELS)
+    for label in TRAIN_MODELS.values():
+        assert f"{label} layer shapes" in training
+    for label in TRAIN_METHODS.values():
+        assert training.count(f"| {label} |") == len(TRAIN_MODELS) * 4, label
