@@ -17,7 +17,7 @@ from . import initial_policy, numerics, reference
 from .args import plugin_settings
 from .data.collator import REF_LOGPS, ResponseBatchCollator, leading_examples
 from .initial_policy import DisabledAdapter, live_reference  # noqa: F401 (DisabledAdapter: public)
-from .kernels import resolve_impl
+from .kernels import raise_pending, resolve_impl
 from .methods import batch_normalizer
 from .metric_sums import MetricSums
 from .model_io import router_aux_coef, unwrap
@@ -316,6 +316,8 @@ class BNFTrainer(AxolotlTrainer):
         return self._examples_seen
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # A single pass fed the wrong loss reports it here at the latest (the metrics below sync anyway).
+        raise_pending(wait=True)
         split = "train" if "loss" in logs else "eval"
         prefix = "" if split == "train" else "eval_"
         for name, mean in self.metric_sums.means(split, logs, self.accelerator.device).items():

@@ -123,3 +123,20 @@ def test_a_step_one_batch_of_confident_tokens_trains(setup, impl):  # noqa: F811
         loss.backward()
         opt.step()
     assert margin() > before
+
+
+@pytest.mark.parametrize("k", [1.0, 0.25, 65536.0])
+def test_the_fit_holds_when_every_trusted_row_is_tiny(k):
+    """Late in training: every chosen token near-certain (untrusted: rounding moves their weight a lot) and
+    the one informative row a rejected token at p ~ e^-40, whose predicted gradient (~4e-16 at a token scale
+    of 1e-4) squares to below fp32's normal range. An exact upstream gradient must still fit, at any loss
+    scale."""
+    from axolotl_bnf_plugin.kernels.grad_rules import rounding_slack
+    from axolotl_bnf_plugin.kernels.single_pass import upstream_factor
+
+    logp = torch.cat([-torch.linspace(0, 3e-5, 300), torch.tensor([-40.0])])
+    ref, scale = logp + 1e-7, torch.full_like(logp, 1e-4)
+    pred = BNF_GRAD_RULE.grad(logp, ref, scale)
+    slack = rounding_slack(BNF_GRAD_RULE, logp, ref, scale, pred)
+    factor = upstream_factor(k * pred, pred, slack, "bnf")  # raises SinglePassMisuse if it does not fit
+    torch.testing.assert_close(factor, torch.tensor(k), rtol=1e-5, atol=0)

@@ -9,7 +9,8 @@ So the check's boolean is copied to pinned host memory without blocking, behind 
 the op (or `raise_pending`, which the trainer calls where it synchronises anyway) reads it once the event
 has passed and raises `SinglePassMisuse`. The wrong step itself is not applied: its gradients are made
 non-finite, which the trainer's step guard skips. On the CPU there is nothing to wait for and the error is
-raised at once, in backward. Inside a traced graph (`torch.compile`) no flag can leave the graph: there
+raised at once, in backward. A loop that calls the op itself should call `raise_pending(wait=True)` after
+its last step (the trainer does at every log). Inside a traced graph (`torch.compile`) no flag can leave the graph: there
 the poisoned gradients alone report the misuse, through the step guard.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ _PENDING: list[tuple[torch.Tensor, torch.cuda.Event, str]] = []
 
 def report(fits: torch.Tensor, message: str) -> None:
     """Raise `SinglePassMisuse(message)` if the 0-dim bool `fits` is False: now on the CPU, later on CUDA."""
-    if torch.compiler.is_compiling() or is_fake(fits):
+    if torch.compiler.is_compiling() or is_fake(fits) or (fits.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     if not fits.is_cuda:
         if not bool(fits):
@@ -41,7 +42,10 @@ def report(fits: torch.Tensor, message: str) -> None:
 
 
 def raise_pending(wait: bool = False) -> None:
-    """Raise for the oldest failed check whose flag has reached the host; with `wait`, wait for them all."""
+    """Raise for the oldest failed check whose flag has reached the host; with `wait`, wait for them all.
+    Nothing to do while a CUDA graph is being captured (an event may not be queried then)."""
+    if _PENDING and torch.cuda.is_current_stream_capturing():
+        return
     while _PENDING:
         host, event, message = _PENDING[0]
         if not wait and not event.query():

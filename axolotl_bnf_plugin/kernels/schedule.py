@@ -18,11 +18,13 @@ Bytes, not only flops. A chunk's `d weight` GEMM into the fp32 `[V, H]` accumula
 flops and reads and writes 8 * V * H bytes: it is bandwidth-bound below rows = 4 * (flops per byte of the
 GPU), about 1180 rows on an H100 (989 TFLOP/s bf16 over 3.35 TB/s), 820 on an H200. With a large vocabulary
 and hidden size the 256 MiB block holds fewer rows than that (512 at V = 262144 in bf16), and the
-accumulator's traffic would cost more than the GEMM's math. So on CUDA, when `d weight` accumulates over
-row chunks, the block may grow to `COMPUTE_BOUND_ROWS` rows, taking up to a quarter of the accumulator's
-own size (which is what the op's memory is dominated by then). The vocabulary-sliced backward's fp32
-`[N, H]` `d hidden` accumulator is the same product with the roles swapped: its slices get at least
-`COMPUTE_BOUND_ROWS` columns on CUDA where a quarter of that accumulator allows.
+accumulator's traffic would cost more than the GEMM's math. So on CUDA, when `d weight` is needed, the
+default block may grow to `COMPUTE_BOUND_ROWS` rows, up to V * H bytes: a quarter of the fp32 accumulator,
+half the `d weight` the op returns in bf16. The vocabulary-sliced backward's fp32 `[N, H]` `d hidden`
+accumulator is the same product with the roles swapped, and the slices take their bytes from that block:
+`C * V / N` columns, at least `COMPUTE_BOUND_ROWS` for micro-batches of up to N = V tokens; beyond that the
+slices narrow and, below `MIN_SLICE_COLS`, the backward goes by row chunks of C rows (compute-bound as above).
+A chunk size the caller sets bounds both schedules as it is.
 """
 from __future__ import annotations
 
@@ -102,10 +104,6 @@ def vocab_slice_cols(rows: int, vocab_size: int, dtype: torch.dtype, impl: str =
     budget = workspace_bytes if chunk_size is None else chunk_size * vocab_size * per_logit
     upcast_weight = 4 * hidden_size if device_type != "cuda" and element_bytes(dtype) < 4 else 0
     cols = budget // (max(rows, 1) * per_logit + upcast_weight)
-    if device_type == "cuda" and cols < COMPUTE_BOUND_ROWS and hidden_size > 0:
-        # Each slice reads and writes the fp32 [N, H] d-hidden accumulator: wider slices, the block taking up
-        # to a quarter of that accumulator (N * H bytes, i.e. H / per_logit columns).
-        cols = max(cols, min(COMPUTE_BOUND_ROWS, hidden_size // per_logit))
     if cols >= vocab_size:
         return vocab_size
     if cols < max(MIN_SLICE_COLS, 1):

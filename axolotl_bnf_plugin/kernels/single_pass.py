@@ -134,11 +134,16 @@ def upstream_factor(grad_logp: torch.Tensor, predicted: torch.Tensor, slack: tor
     g, p = grad_logp.float(), predicted
     if not g.numel():
         return g.new_ones(())
+    # In units of the largest predicted value (a power of two: exact), so that no sum below underflows when
+    # some rows' values are tiny (a rejected token pushed to p ~ 1e-12) and all the others untrusted.
+    unit = torch.exp2(torch.ceil(torch.log2(p.abs().amax().clamp(min=2.0**-126))))
+    g, p, slack = g / unit, p / unit, slack / unit
     floor = FIT_TOLERANCE * p.abs().amax()
     trusted = (slack <= floor).float()
     num_t, den_t = (trusted * g * p).sum(), (trusted * p * p).sum()
     num, den = (g * p).sum(), (p * p).sum()
-    factor = torch.where(den_t > 0, num_t / den_t.clamp(min=1e-30), num / den.clamp(min=1e-30))
+    # The trusted rows' fit, unless they carry too little of the predicted gradient to determine it.
+    factor = torch.where(den_t >= 1e-6 * den, num_t / den_t.clamp(min=1e-30), num / den.clamp(min=1e-30))
     excess = ((g - factor * p).abs() - factor.abs() * (slack + floor)).amax()
     fits = (excess <= 1e-30) | ~torch.isfinite(excess)
     misuse.report(
