@@ -85,8 +85,10 @@ fi
 record "mode: $([ "$SMOKE" = 1 ] && echo smoke || echo gpu); budget ${BUDGET}s; shapes ${SHAPES[*]}; iters $ITERS"
 
 # 1. The carried wheels (those this machine lacks, or has older); the repository from the working tree.
-if compgen -G ".whl/*.whl" >/dev/null; then
-  mapfile -t WHEELS < <("$PY" - .whl/*.whl <<'PYEOF'
+# SUITE_WHEELS names another folder of them (CI: the cached download of benchmarks/suite_wheels.txt).
+WHEEL_DIR=${SUITE_WHEELS:-.whl}
+if compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
+  mapfile -t WHEELS < <("$PY" - "$WHEEL_DIR"/*.whl <<'PYEOF'
 import importlib.metadata as md
 import os
 import re
@@ -114,12 +116,12 @@ PYEOF
   [ "${#KEPT[@]}" -gt 0 ] && KEPT_NOTE="; kept this machine's $(IFS=,; echo "${KEPT[*]}")"
   if [ "${#INSTALL[@]}" -gt 0 ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${INSTALL[@]}"
-    record "install .whl -> $SITE: exit $? (${INSTALL[*]##*/})$KEPT_NOTE"
+    record "install $WHEEL_DIR -> $SITE: exit $? (${INSTALL[*]##*/})$KEPT_NOTE"
   else
-    record "install .whl: nothing to install$KEPT_NOTE"
+    record "install $WHEEL_DIR: nothing to install$KEPT_NOTE"
   fi
 else
-  record "install: no .whl/*.whl here (liger flce rows will be skipped; without pydantic the BNF rows fail)"
+  record "install: no $WHEEL_DIR/*.whl here; using what is importable (without liger-kernel its rows are skipped, without pydantic the BNF rows fail)"
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 

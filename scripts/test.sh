@@ -67,7 +67,8 @@ for version in $pythons; do
       site="$(mktemp -d "${TMPDIR:-/tmp}/bnf-suite-site.XXXXXX")"
       trap 'rm -rf "$site"' EXIT
       bash scripts/suite_wheels.sh "$site/site"
-      export PYTHONPATH="$site/site:$PWD"
+      # The other device tests import the wheels from here; the suite installs them itself from the cache.
+      export PYTHONPATH="$site/site:$PWD" SUITE_WHEELS="$(bash scripts/suite_wheels.sh)"
       rc=0
       python -m pytest "${device_tests[@]}" -q -p no:cacheprovider --timeout=1800 "$@" || rc=$?
       [ "$rc" = 5 ] && { echo "(no device test selected)" >&2; rc=0; }
