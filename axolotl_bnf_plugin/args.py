@@ -27,7 +27,8 @@ class PluginArgs(BaseModel):
         ge=1,
         json_schema_extra={
             "description": "Token rows per logits block in the fused log-prob op. Default: as many as fit a "
-            "256 MiB workspace for the model's vocabulary."
+            "256 MiB workspace for the model's vocabulary (on CUDA with a trained head, up to 2048 rows in at "
+            "most V x H bytes)."
         },
     )
     bnf_kernel_impl: Literal["auto", "torch", "triton"] = Field(
