@@ -12,12 +12,15 @@
 #   3.12:   Python 3.12, torch 2.13.0 (PyPI's CUDA build, run on the CPU), Axolotl 0.21.0, project installed
 #   device: the GPU machines' stock stack (Python 3.12, torch 2.11.0, Triton 3.6.0, transformers 5.17.0,
 #           NumPy 2.5.2, pytest 9; no Axolotl, TRL, datasets or pydantic), run on the CPU. As on a GPU
-#           machine, the project is not installed: the wheels the GPU suite carries
-#           (benchmarks/suite_wheels.txt, fetched once into a cache outside the clone by
-#           scripts/suite_wheels.sh) are installed into a new folder with the suite's own install command,
-#           and PYTHONPATH is that folder and the working tree. It runs only the tests listed in
-#           tests/device_tests.txt: benchmarks/gpu_suite.sh end to end in its smoke mode, so that the script a
-#           GPU machine runs finds nothing missing there.
+#           machine, the project is not installed: the wheels the GPU suite carries (benchmarks/suite_wheels.txt
+#           and, for its `axolotl train` step, benchmarks/axolotl_wheels.txt and axolotl_wheels_built.txt) are
+#           fetched and built once into a cache outside the clone by scripts/suite_wheels.sh; those of
+#           suite_wheels.txt are installed into a new folder with the suite's own install command, and
+#           PYTHONPATH is that folder and the working tree. It runs only the tests listed in
+#           tests/device_tests.txt, among them benchmarks/gpu_suite.sh end to end in its smoke mode
+#           (SUITE_WHEELS: the cache; the suite installs every carried wheel itself, the Axolotl ones into a
+#           folder of their own, and runs `axolotl train` for both methods), so that the script a GPU machine
+#           runs finds nothing missing there.
 #
 # CI share. Every test runs on both Axolotl environments except those listed in tests/ci_subset.txt, which
 # run on the one environment named there, and those listed in tests/device_tests.txt, which run on the device
@@ -67,7 +70,8 @@ for version in $pythons; do
       site="$(mktemp -d "${TMPDIR:-/tmp}/bnf-suite-site.XXXXXX")"
       trap 'rm -rf "$site"' EXIT
       bash scripts/suite_wheels.sh "$site/site"
-      # The other device tests import the wheels from here; the suite installs them itself from the cache.
+      # The other device tests import the suite's wheels from here (no Axolotl); the suite installs every
+      # carried wheel itself from the cache, the Axolotl ones for its `axolotl train` step only.
       export PYTHONPATH="$site/site:$PWD" SUITE_WHEELS="$(bash scripts/suite_wheels.sh)"
       rc=0
       python -m pytest "${device_tests[@]}" -q -p no:cacheprovider --timeout=1800 "$@" || rc=$?

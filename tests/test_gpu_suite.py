@@ -1,13 +1,20 @@
 """`benchmarks/gpu_suite.sh` runs end to end in its smoke mode (tiny shapes, CPU), so that the script a GPU
 machine runs is known to work before a GPU runs it: every step reports success in summary.txt, the
 kernel benchmark and the frozen-weight benchmark write one row per (shape, method), the training step one
-measured row per (model, full / LoRA, unpacked / packed, method), at most 8 files come back, and the
-README-ready tables.md holds every table."""
+measured row per (model, full / LoRA, unpacked / packed, method), `axolotl preprocess` and `axolotl train`
+run for rl: bnf (full fine-tuning) and rl: asft (LoRA) with the carried Axolotl wheels and train every step,
+BNF raising its chosen-over-rejected margin, at most 8 files come back, and the README-ready tables.md holds
+every table.
+
+In CI's device environment (scripts/test.sh sets SUITE_WHEELS to the cached download and build of the suite's
+wheel lists) the suite installs every carried wheel itself, the Axolotl ones into a folder of their own, as
+on a GPU machine."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +24,7 @@ SMOKE_SHAPES, SMOKE_FROZEN_SHAPES = 2, 1  # benchmarks/gpu_suite.sh, smoke mode
 OUT_FILES = {"summary.txt", "gpu_tests.log", "kernel_bench.jsonl", "kernel_bench_frozen.jsonl", "kernel_bench.log",
              "train_step.jsonl", "train_step.log", "tables.md"}  # at most 8 files come back from a GPU machine
 TRAIN_MODELS = {"llama3-8b": "Llama-3-8B", "qwen2.5-7b": "Qwen2.5-7B"}  # benchmarks/train_step_bench.py
+AXOLOTL_STEPS = 12  # benchmarks/gpu_suite.sh: max_steps of each `axolotl train` run
 TRAIN_METHODS = {"bnf": "BNF single pass", "bnf-two-pass": "BNF two-pass",
                  "bnf-precomputed": "BNF, precomputed reference", "asft": "ASFT", "dpo-naive": "naive DPO (full logits)"}
 
@@ -54,6 +62,26 @@ def test_gpu_suite_smoke_mode_runs_every_step(tmp_path):
     assert len(frozen) == SMOKE_FROZEN_SHAPES * 4 and all(r["frozen_weight"] for r in frozen)
     ours = next(r for r in frozen if r["method"] == "two-pass op (ours)")
     assert ours["ms"] > 0 and ours["flops_factor"] == 4
+
+    # `axolotl train`, both methods: every command exits 0, every step is trained, and BNF raises the margin of
+    # chosen over rejected (first to last logged, train and held-out eval: 0.77 -> 13.9 and 0 -> 17.0 here).
+    assert "axolotl train step: ok" in lines, summary
+    assert "axolotl assets: exit 0 (" in summary, summary
+    margins = {}
+    for method in ("bnf", "asft"):
+        assert any(line.startswith(f"axolotl {method} preprocess: exit 0 (") for line in lines), summary
+        (train,) = [line for line in lines if line.startswith(f"axolotl {method} train: ")]
+        match = re.fullmatch(rf"axolotl {method} train: exit 0 \(\d+s\); (\d+) of {AXOLOTL_STEPS} steps; "
+                             r"loss (\S+) -> (\S+); margin (\S+) -> (\S+); eval margin (\S+) -> (\S+)", train)
+        assert match, train
+        assert int(match.group(1)) == AXOLOTL_STEPS, train
+        values = [float(x) for x in match.groups()[1:]]
+        assert all(math.isfinite(x) for x in values), train
+        margins[method] = values[2:]
+    first, last, eval_first, eval_last = margins["bnf"]
+    assert last > first and eval_last > eval_first, margins
+    log = (out / "train_step.log").read_text()
+    assert "===== axolotl bnf train" in log and "===== axolotl asft train" in log
 
     steps = [json.loads(x) for x in (out / "train_step.jsonl").read_text().splitlines()]
     cased = {(r["model"], r["tuning"], r["layout"], r["method"]) for r in steps}
