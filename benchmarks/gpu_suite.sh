@@ -230,11 +230,15 @@ CUDA_OK=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/
 record "cuda available: $CUDA_OK"
 
 # 3. Correctness first (bf16 on the GPU; without CUDA those tests skip and the Triton ones use the interpreter).
-# One pytest per file, so a file cut short by the time limit leaves the other's full report.
+# One pytest per file, so a file cut short by the time limit leaves the other's full report. test_gpu_kernels.py
+# holds the confident-token regimes compiled; without a GPU, test_confident_tokens.py runs them in the
+# interpreter instead.
 : >"$OUT/gpu_tests.log"
 TESTS_RC=0
 TESTS_END=$((SECONDS + TEST_TIMEOUT))
-for test_file in tests/test_gpu_kernels.py tests/test_triton_kernel.py; do
+TEST_FILES=(tests/test_gpu_kernels.py tests/test_triton_kernel.py)
+[ "$CUDA_OK" = 1 ] || TEST_FILES+=(tests/test_confident_tokens.py)
+for test_file in "${TEST_FILES[@]}"; do
   limit=$((TESTS_END - SECONDS))
   [ "$limit" -lt 30 ] && limit=30
   say "pytest $test_file (time limit ${limit}s)"

@@ -43,7 +43,10 @@ def test_gpu_suite_smoke_mode_runs_every_step(tmp_path):
 
     lines = summary.splitlines()
     tests = [line for line in lines if line.startswith("tests ")]
-    assert len(tests) == 2 and all(": exit 0 --" in line for line in tests), summary
+    # Without CUDA the confident-token regimes run in Triton's interpreter as a third file.
+    assert len(tests) == 3 and all(": exit 0 --" in line for line in tests), summary
+    assert any(line.startswith("tests tests/test_confident_tokens.py: exit 0 --") and " passed" in line
+               for line in tests), summary
     assert any(line.startswith("benchmark: exit 0;") for line in lines), summary
     assert any(line.startswith("frozen-weight benchmark: exit 0;") for line in lines), summary
     assert any(line.startswith("roofline: exit 0") for line in lines), summary
