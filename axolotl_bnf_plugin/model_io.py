@@ -125,14 +125,44 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def _whole_output_weight(base, head: torch.nn.Module) -> tuple[torch.Tensor, torch.nn.Module | None]:
+def head_shape(weight: torch.Tensor) -> tuple[int, int]:
+    """The whole `[V, H]` shape of an output embedding, without gathering it: DeepSpeed ZeRO-3 partitions a
+    parameter to shape `(0,)` and keeps its whole shape as `ds_shape`; an FSDP2 DTensor reports its global shape."""
+    shape = tuple(getattr(weight, "ds_shape", weight.shape))
+    if len(shape) != 2:
+        raise ValueError(f"the output embedding's weight has shape {shape}, not [vocab, hidden]")
+    return shape[0], shape[1]
+
+
+def _fsdp_unit_of(top: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Module | None:
+    """The FSDP2 unit that manages `module`'s parameters: its innermost `fully_shard`-ed ancestor (itself
+    included) within `top`, or None."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return None
+    path = next((name for name, m in top.named_modules() if m is module), None)
+    if path is None:
+        return None
+    parts = path.split(".") if path else []
+    for depth in range(len(parts), -1, -1):
+        candidate = top.get_submodule(".".join(parts[:depth]))
+        if isinstance(candidate, FSDPModule):
+            return candidate
+    return None
+
+
+def _whole_output_weight(base, head: torch.nn.Module, top: torch.nn.Module | None = None
+                         ) -> tuple[torch.Tensor, torch.nn.Module | None]:
     """The whole `[V, H]` output embedding, gathered if FSDP2 holds it sharded; never a shard.
 
-    Where `lm_head` shares FSDP2's root unit (the usual layout: decoder layers wrapped, the rest in the
-    root), the root keeps it gathered from forward to backward and there is nothing to do. Where the head
-    (or the input embedding it is tied to) is an FSDP2 unit of its own, it was resharded after its forward:
-    `unshard()` gathers it again, and FSDP's end-of-backward callback reduce-scatters its gradient and
-    reshards it, as for any unit whose parameters were used. ZeRO-3 gathers a module's parameters only
+    Under FSDP2 the head may have been resharded after its unit's forward: always when the head (or the
+    input embedding it is tied to) is a unit of its own, and also when it shares the root unit (the usual
+    layout: decoder layers wrapped, the rest in the root) and the root was sharded with
+    `reshard_after_forward=True`, as accelerate's FSDP2 plugin and Axolotl do. `unshard()` of the unit that
+    manages the weight (`_fsdp_unit_of`, searched from `top`, the outermost model) gathers it again, and
+    FSDP's post-backward reduce-scatters its gradient and reshards it, as for any unit whose parameters were
+    used. ZeRO-3 gathers a module's parameters only
     while that module runs, so `response_token_logps` scores inside a call of the head (see
     `_score_inside_head_call`), where this sees the gathered weight. Anything still not `[V, H]` (FSDP1's
     flat views, a ZeRO-3 partition outside that call) is refused, never scored as a slice of the vocabulary.
@@ -140,12 +170,10 @@ def _whole_output_weight(base, head: torch.nn.Module) -> tuple[torch.Tensor, tor
     """
     weight, gathered = head.weight, None
     if _is_dtensor(weight):
-        tied_to = base.get_input_embeddings()
-        for unit in (head, tied_to):
-            if unit is not None and unit.weight is weight and callable(getattr(unit, "unshard", None)):
-                unit.unshard()
-                weight, gathered = head.weight, unit
-                break
+        unit = _fsdp_unit_of(top if top is not None else base, head)
+        if unit is not None:
+            unit.unshard()
+            weight, gathered = head.weight, unit
     in_features = getattr(head, "in_features", None)
     if _is_dtensor(weight) or weight.dim() != 2 or (in_features is not None and weight.shape[1] != in_features):
         raise NotImplementedError(
@@ -163,7 +191,7 @@ def output_head(model) -> OutputHead:
     head = base.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(base).__name__} has no output embedding: rl: bnf / asft needs a causal LM head")
-    weight, gathered = _whole_output_weight(base, head)
+    weight, gathered = _whole_output_weight(base, head, top=model)
     if hasattr(head, "get_delta_weight") and hasattr(head, "active_adapters"):
         # A LoRA layer on lm_head: score with the adapted weight, differentiably w.r.t. the adapter,
         # unless the adapter is disabled (reference pass) or already merged into the base weight.

@@ -65,11 +65,16 @@ class DisplacementMonitor:
 
 
 def preflight(tokens_per_step: int, vocab_size: int, dtype: torch.dtype, with_reference: bool,
-              chunk_size: int | None = None, impl: str = "torch", device_type: str = "cuda") -> dict[str, int]:
+              chunk_size: int | None = None, impl: str = "torch", device_type: str = "cuda",
+              hidden_size: int = 0) -> dict[str, int]:
     """Bytes of the `[tokens, vocab]` logits a logits-materialising trainer would hold for one micro-batch
     (policy, and reference when the method has one), against the fused op's one `[chunk, V]` block as the
-    implementation `impl` ("torch" / "triton") allocates it."""
-    chunk = chunk_size or default_chunk_size(vocab_size, dtype, impl=impl, device_type=device_type)
+    implementation `impl` ("torch" / "triton") allocates it (`hidden_size` > 0: the head is trained, as
+    `kernels.default_chunk_size` takes it)."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size} (a partitioned weight's local shape?)")
+    chunk = chunk_size or default_chunk_size(vocab_size, dtype, impl=impl, device_type=device_type,
+                                             hidden_size=hidden_size)
     full = tokens_per_step * vocab_size * element_bytes(dtype)
     workspace = block_bytes(min(chunk, tokens_per_step), vocab_size, dtype, impl, device_type)
     return {

@@ -20,7 +20,7 @@ from .initial_policy import DisabledAdapter, live_reference  # noqa: F401 (Disab
 from .kernels import raise_pending, resolve_impl
 from .methods import batch_normalizer
 from .metric_sums import MetricSums
-from .model_io import router_aux_coef, unwrap
+from .model_io import head_shape, router_aux_coef, unwrap
 from .numerics import StepGuard, StepGuardCallback
 from .processes import launched_processes
 from .reference import with_reference_logps
@@ -127,14 +127,15 @@ class BNFTrainer(AxolotlTrainer):
         return "eval only (baseline scored once; asft_shift_on_train adds the training set)"
 
     def _preflight_bytes(self) -> dict[str, int]:
-        # Shape and dtype only: a sharded (DTensor) weight reports its global shape, and is not gathered.
+        # Shape and dtype only, never gathered: ZeRO-3's partition (shape (0,)) and FSDP2's DTensor included.
         weight = unwrap(self.model).get_output_embeddings().weight
+        vocab, hidden = head_shape(weight)
         tokens = self.args.per_device_train_batch_size * 2 * self.args.max_seq_length
         device = torch.device(self.args.device)
-        return preflight(tokens, weight.shape[0], weight.dtype,
+        return preflight(tokens, vocab, weight.dtype,
                          with_reference=self.reference is not None,
                          chunk_size=self.settings.chunk_size, impl=resolve_impl(self.settings.impl, device),
-                         device_type=device.type)
+                         device_type=device.type, hidden_size=hidden if weight.requires_grad else 0)
 
     def attach_reference_logps(self, cache_dir) -> None:
         """Score the data once with the initial policy, split across all processes.

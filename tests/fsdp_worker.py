@@ -16,8 +16,11 @@ from axolotl_bnf_plugin.model_io import unwrap
 
 # (layout, method, adapter): where the output embedding lives under FSDP2, and whether BNF's reference is the
 # policy with its LoRA adapter (on lm_head too) disabled (same FSDP modules, scored under no_grad in the step).
+# "root_resharded": the head in the root unit, sharded with reshard_after_forward=True as accelerate's FSDP2
+# plugin and Axolotl pass it to every fully_shard: the head is a shard again when the loss needs it.
 CASES = [("root", "bnf", False), ("root", "asft", False), ("own_unit", "bnf", False), ("own_unit", "asft", False),
-         ("tied", "bnf", False), ("tied", "asft", False), ("own_unit", "bnf", True), ("root", "bnf", True)]
+         ("tied", "bnf", False), ("tied", "asft", False), ("own_unit", "bnf", True), ("root", "bnf", True),
+         ("root_resharded", "bnf", False), ("root_resharded", "asft", False), ("root_resharded", "bnf", True)]
 
 
 def shard(model, layout: str, mesh) -> None:
@@ -28,7 +31,7 @@ def shard(model, layout: str, mesh) -> None:
         fully_shard(base.get_output_embeddings(), mesh=mesh)
     elif layout == "tied":
         fully_shard([base.get_input_embeddings(), base.get_output_embeddings()], mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, **({"reshard_after_forward": True} if layout == "root_resharded" else {}))
 
 
 def run_case(layout, method, adapter, tokenizer, examples, rank, world):

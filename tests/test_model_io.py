@@ -141,3 +141,20 @@ def test_flat_parameter_view_of_the_head_is_refused():
     model.lm_head.weight = torch.nn.Parameter(flat.clone())
     with pytest.raises(NotImplementedError, match=r"sharded \(Parameter of shape"):
         output_head(model)
+
+
+def test_a_zero3_partition_reports_its_whole_shape_to_the_preflight():
+    """ZeRO-3 leaves each rank a `(0,)` partition of the head with the whole shape in `ds_shape`: the memory
+    pre-flight reads that (it divided by the local row count, 0, while the trainer was built)."""
+    from axolotl_bnf_plugin.model_io import head_shape
+    from axolotl_bnf_plugin.telemetry import preflight
+
+    partition = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16))
+    partition.ds_shape = torch.Size([128256, 4096])
+    vocab, hidden = head_shape(partition)
+    assert (vocab, hidden) == (128256, 4096) and head_shape(torch.empty(7, 3)) == (7, 3)
+    report = preflight(8192, vocab, partition.dtype, with_reference=True, impl="triton", hidden_size=hidden)
+    assert report["memory/preflight_full_logits_bytes"] == 2 * 8192 * 128256 * 2
+    assert report["memory/preflight_chunk_rows"] == 2048  # the CUDA chunk for a trained head at this shape
+    with pytest.raises(ValueError, match="vocab_size must be >= 1"):
+        preflight(8192, partition.shape[0], partition.dtype, with_reference=True)
