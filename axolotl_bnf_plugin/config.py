@@ -118,7 +118,44 @@ def _check_raw_config(cfg: dict, method: str) -> None:
     _check_parallelism(cfg, method)
     if _zero_stage(cfg.get("deepspeed")) == 3:
         _check_zero3(cfg, method)
+    if cfg.get("fsdp") or cfg.get("fsdp_config"):
+        _check_fsdp(cfg, method)
     _check_model_head(cfg, method)
+
+
+def _check_fsdp(cfg: dict, method: str) -> None:
+    """What FSDP cannot serve: FSDP1, and scoring the data with a policy whose weights are not loaded yet.
+
+    The fused op gathers the output embedding through FSDP2's own unit; FSDP1's flat parameters cannot be
+    gathered that way. With `cpu_ram_efficient_loading` only the first process loads the weights (the others
+    hold empty `meta` tensors until the engine shards and broadcasts them), and the passes that score the data
+    once with the initial policy run before that.
+    """
+    fsdp_config = cfg.get("fsdp_config") or {}
+    version = cfg.get("fsdp_version") or (fsdp_config.get("fsdp_version") if isinstance(fsdp_config, dict) else None)
+    if str(version or 1) != "2":
+        raise PluginConfigError(
+            f"rl: {method} under FSDP needs FSDP2: set fsdp_version: 2 (this config runs FSDP1, fsdp_version: "
+            f"{version!r}), whose sharded output embedding the fused log-prob op can gather"
+        )
+    lazy = isinstance(fsdp_config, dict) and (fsdp_config.get("cpu_ram_efficient_loading")
+                                              or fsdp_config.get("fsdp_cpu_ram_efficient_loading"))
+    if not lazy:
+        return
+    where = "with fsdp_config.cpu_ram_efficient_loading: true"
+    if cfg.get("bnf_precompute_ref") and method == "bnf":
+        raise PluginConfigError(
+            f"bnf_precompute_ref cannot be used {where}: it scores the data with the initial policy before FSDP2 "
+            "shards it, when only the first process holds its weights; remove bnf_precompute_ref (the "
+            "reference is then a frozen copy sharded like the policy) or cpu_ram_efficient_loading"
+        )
+    scores_data = cfg.get("asft_shift_on_train") or cfg.get("val_set_size") or cfg.get("test_datasets")
+    if method == "asft" and cfg.get("bnf_shift_metrics", True) and scores_data:
+        raise PluginConfigError(
+            f"rl: asft's shift metrics {where} need the initial policy to score the data before FSDP2 shards "
+            "it, when only the first process holds its weights; set bnf_shift_metrics: false, or remove "
+            "cpu_ram_efficient_loading"
+        )
 
 
 def _check_model_head(cfg: dict, method: str) -> None:

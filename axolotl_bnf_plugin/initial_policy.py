@@ -72,15 +72,28 @@ def adapter_is_identity(peft_model) -> bool:
 
 
 class FrozenCopy:
-    """Full fine-tuning: a frozen copy of the initial policy."""
+    """Full fine-tuning: a frozen copy of the initial policy.
+
+    `shard(copy) -> prepared copy`, when given, is run once before the first reference pass, after the engine
+    prepared the policy: under FSDP2 the copy is sharded by the same engine as the policy, so that each
+    process holds its shard of the reference, not a whole replica. Until then the copy stays where the policy
+    was loaded (the CPU under FSDP; with `cpu_ram_efficient_loading`, empty `meta` weights on all processes
+    but the first, whose weights the engine broadcasts when it shards).
+    """
 
     description = "a frozen copy of the initial policy"
 
-    def __init__(self, model):
+    def __init__(self, model, shard=None):
         self.model = copy.deepcopy(model).eval()
         self.model.requires_grad_(False)
+        self._shard = shard
+        if shard is not None:
+            self.description += ", sharded like the policy at the first reference pass"
 
     def scoring(self, policy):
+        if self._shard is not None:
+            shard, self._shard = self._shard, None
+            self.model = shard(self.model)
         return contextlib.nullcontext(self.model)
 
 
@@ -147,11 +160,11 @@ def _save_only(peft_model, adapter: str) -> None:
     peft_model.save_pretrained = save_pretrained
 
 
-def live_reference(model):
-    """BNF's reference for `model` as it is now (call before the first update)."""
+def live_reference(model, shard=None):
+    """BNF's reference for `model` as it is now (call before the first update). `shard`: see `FrozenCopy`."""
     peft_model = unwrap_peft(model)
     if not hasattr(peft_model, "disable_adapter"):
-        reference = FrozenCopy(model)
+        reference = FrozenCopy(model, shard=shard)
     elif adapter_is_identity(peft_model):
         reference = DisabledAdapter(model)
     else:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .data.collator import VARLEN_KEYS
 from .kernels import LogitTransform, token_logprobs
 
 IGNORE_INDEX = -100
@@ -123,6 +124,12 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(tensor, DTensor)
+
+
+def local_bytes(param: torch.Tensor) -> int:
+    """Bytes of `param` this process holds: its shard under FSDP2 (a DTensor) or ZeRO-3 (`ds_tensor`)."""
+    local = param.ds_tensor if hasattr(param, "ds_tensor") else param.to_local() if hasattr(param, "to_local") else param
+    return local.numel() * local.element_size()
 
 
 def head_shape(weight: torch.Tensor) -> tuple[int, int]:
@@ -316,6 +323,10 @@ def forward_hidden(model, batch: dict[str, torch.Tensor], router_aux: bool = Fal
     the flag the model is called exactly as before.
     """
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "flash" in str(getattr(getattr(unwrap(model), "config", None), "_attn_implementation", "")):
+        # A packed batch's sequence boundaries, which transformers' flash-attention path honours for any
+        # number of rows (from position ids it derives them for one row only).
+        kwargs.update({k: batch[k] for k in VARLEN_KEYS if k in batch})
     want_aux = router_aux and _router_logits_on(model)
     if _router_logits_on(model):
         kwargs["output_router_logits"] = want_aux
@@ -352,28 +363,32 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
     def score(flat_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         head = output_head(model)
         try:
+            # A model spread over devices in one process (`device_map`): the op runs on the head's device,
+            # and its per-token results come back to the batch's.
+            to_head = _mover(head.weight.device)
             if check_head:
-                check_head_matches(model, hidden, last_logits, head)
-            return token_logprobs(
-                flat_hidden,
+                check_head_matches(model, to_head(hidden), to_head(last_logits), head)
+            results = token_logprobs(
+                to_head(flat_hidden),
                 head.weight,
-                targets.reshape(-1),
+                to_head(targets.reshape(-1)),
                 bias=head.bias,
                 ignore_index=IGNORE_INDEX,
                 chunk_size=chunk_size,
                 softcap=head.transform.softcap,
                 scale=head.transform.scale,
                 impl=impl,
-                row_index=batch.get("scored_index"),
+                row_index=to_head(batch.get("scored_index")),
                 grad_rule=grad_rule,
-                grad_inputs=grad_inputs,
+                grad_inputs=None if grad_inputs is None else tuple(to_head(t) for t in grad_inputs),
                 return_lse=with_lse,
             )
+            return tuple(t.to(labels.device) for t in results)
         finally:
             head.release()
 
     head_module = unwrap(model).get_output_embeddings()
-    if hasattr(head_module.weight, "ds_id"):
+    if hasattr(head_module.weight, "ds_id") or hasattr(head_module, "_hf_hook"):
         logp, neg_entropy, *extra = _score_inside_head_call(head_module, score, hidden.reshape(-1, width))
     else:
         logp, neg_entropy, *extra = score(hidden.reshape(-1, width))
@@ -381,24 +396,39 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
             *(t.view(rows, length) for t in extra), *aux)
 
 
-def _score_inside_head_call(head_module: torch.nn.Module, score, flat_hidden: torch.Tensor):
-    """Run `score(flat_hidden)` as the forward of `head_module`, so DeepSpeed ZeRO-3 handles the head as usual.
+def _mover(device: torch.device):
+    """`tensor.to(device)` for tensors (and None) not already there."""
+    if device.type == "meta":
+        raise RuntimeError(
+            "the output embedding's weight is on the 'meta' device, with no accelerate hook to load it: a "
+            "device_map that offloads lm_head must be applied with accelerate's dispatch (as transformers' "
+            "from_pretrained(device_map=...) does); otherwise keep lm_head on a device, or shard the model with "
+            "FSDP2 / DeepSpeed ZeRO-3"
+        )
+    return lambda t: t if t is None or t.device == device else t.to(device)
 
-    ZeRO-3 gathers a module's parameters in its pre-forward hook and partitions them again after; it gathers
-    them again before the module's outputs receive their gradient and reduce-scatters the weight's gradient.
-    Called this way, the fused op sees the whole weight in forward and in backward, and the gradient takes
-    ZeRO-3's own path.
+
+def _score_inside_head_call(head_module: torch.nn.Module, score, flat_hidden: torch.Tensor):
+    """Run `score(flat_hidden)` as the forward of `head_module`, so the engine handles the head as usual.
+
+    DeepSpeed ZeRO-3 gathers a module's parameters in its pre-forward hook and partitions them again after; it
+    gathers them again before the module's outputs receive their gradient and reduce-scatters the weight's
+    gradient. Called this way, the fused op sees the whole weight in forward and in backward, and the gradient
+    takes ZeRO-3's own path. accelerate's dispatch hook (`device_map`) likewise loads an offloaded head onto
+    its execution device for the call (the op keeps what its backward needs) and offloads it again after.
     """
-    had_own_forward = "forward" in head_module.__dict__
-    own_forward = head_module.__dict__.get("forward")
-    head_module.forward = score
+    # accelerate's hook wraps the module's forward in an instance attribute and calls `_old_forward` inside it.
+    attribute = "_old_forward" if hasattr(head_module, "_hf_hook") else "forward"
+    had_own = attribute in head_module.__dict__
+    own = head_module.__dict__.get(attribute)
+    setattr(head_module, attribute, score)
     try:
         return head_module(flat_hidden)
     finally:
-        if had_own_forward:
-            head_module.forward = own_forward
+        if had_own:
+            setattr(head_module, attribute, own)
         else:
-            del head_module.forward
+            delattr(head_module, attribute)
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ error instead of running on for hours. In multi-process runs every process takes
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from transformers import TrainerCallback
@@ -21,49 +20,95 @@ class NonFiniteStepError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a (possibly FSDP2-sharded) tensor: no collective."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def all_finite(tensors) -> torch.Tensor:
+    """A 0-dim bool tensor on the tensors' device: every value finite. The largest magnitude is finite exactly
+    when every value is (it propagates NaN and never overflows), so fp16 gradients are not mistaken for bad."""
+    tensors = [_local(t) for t in tensors if t is not None and t.numel()]
+    if not tensors:
+        return torch.tensor(True)
+    return torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=float("inf")))
+
+
+def deepspeed_local_gradients(zero_optimizer) -> list[torch.Tensor]:
+    """This process's partition of the reduced gradients a DeepSpeed ZeRO optimizer is about to step with
+    (`p.grad` is None under ZeRO): ZeRO-3 keeps them in one flat buffer, ZeRO-1/2 per group."""
+    flat = getattr(zero_optimizer, "grad_partitions_flat_buffer", None)
+    if flat is not None:
+        return [flat]
+    averaged = getattr(zero_optimizer, "averaged_gradients", None)
+    if averaged:
+        groups = averaged.values() if isinstance(averaged, dict) else averaged
+        return [g for grads in groups if grads for g in grads if g is not None]
+    return [p.grad for group in zero_optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
 class StepGuard:
     def __init__(self, max_bad_steps: int, check_gradients: bool = True):
         self.max_bad_steps = max_bad_steps
         self.check_gradients = check_gradients  # off under fp16 loss scaling, whose scaler skips inf steps itself
         self.skipped = 0
         self.consecutive = 0
-        self._bad_loss = False
-        self._example_ids: list[int] = []
+        self._bad_loss: torch.Tensor | bool = False  # a device flag: no host sync per micro-batch
+        self._example_ids: list[torch.Tensor] = []
+        self._grad_norm: torch.Tensor | None = None
         self._warned = False
-        self._stepped = False  # `guarded_step` ran for the current optimiser step
+        self._stepped = False  # a guarded step ran for the current optimiser step
         self._distributed_any = None
 
     def observe(self, loss: torch.Tensor, example_ids: torch.Tensor | None) -> None:
-        """After a micro-batch's backward: remember whether its loss was finite, and which examples it held."""
+        """A micro-batch's loss, before its backward (DeepSpeed steps inside `backward`), and its examples."""
         if example_ids is not None:
-            self._example_ids.extend(int(i) for i in example_ids.tolist())
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self._bad_loss = True
+            self._example_ids.append(example_ids.detach())
+        self._bad_loss = ~torch.isfinite(loss.detach()).all() | self._bad_loss
 
-    def wrap(self, optimizer, parameters, distributed_any=None):
-        """Make `optimizer.step` skip bad steps. `distributed_any(flag) -> flag` agrees across processes."""
+    def note_grad_norm(self, norm) -> None:
+        """The step's total gradient norm, as the Trainer's clipping computed it (over all processes): the
+        gradient check then costs nothing more."""
+        self._grad_norm = norm
+
+    def wrap(self, optimizer, local_gradients, distributed_any=None, zero_grad=None):
+        """Make `optimizer.step` skip bad steps.
+
+        `local_gradients()`: this process's gradients (its shards under FSDP2 / ZeRO); `distributed_any(flag)`:
+        the flag over all processes; `zero_grad`: how to drop a skipped step's gradients (default: the
+        optimiser's own). Wrap the step that updates every parameter at once: ZeRO calls its inner optimiser
+        once per parameter group, so that one must not be wrapped.
+        """
         original_step = optimizer.step
-        guard = self
         self._distributed_any = distributed_any
 
         def guarded_step(*args, **kwargs):
-            guard._stepped = True
-            bad = guard._bad_loss
-            if guard.check_gradients and not bad:
-                grads = [p.grad for p in parameters() if p.grad is not None]
-                bad = bool(grads) and not math.isfinite(float(torch.nn.utils.get_total_norm(grads)))
-            if distributed_any is not None:
-                bad = distributed_any(bad)
-            ids, guard._example_ids, guard._bad_loss = guard._example_ids, [], False
-            if bad:
-                optimizer.zero_grad(set_to_none=True)
-                guard._skip(ids)
+            if self.step_is_bad(local_gradients):
+                (zero_grad or optimizer.zero_grad)(set_to_none=True)
                 return None
-            guard.consecutive = 0
             return original_step(*args, **kwargs)
 
         optimizer.step = guarded_step
         return optimizer
+
+    def step_is_bad(self, local_gradients) -> bool:
+        """Decide the current optimiser step (the same on every process), and count it if bad."""
+        self._stepped = True
+        bad = torch.as_tensor(self._bad_loss)
+        norm, self._grad_norm = self._grad_norm, None
+        if self.check_gradients:
+            if norm is not None:
+                finite = torch.isfinite(torch.as_tensor(_local(norm))).all()
+            else:
+                finite = all_finite(local_gradients())
+            bad = bad.to(finite.device) | ~finite
+        bad = bool(self._distributed_any(bad)) if self._distributed_any is not None else bool(bad)
+        ids, self._example_ids, self._bad_loss = self._example_ids, [], False
+        if bad:
+            self._skip(ids)
+            return True
+        self.consecutive = 0
+        return False
 
     def end_step(self) -> None:
         """After every optimiser step, taken or not (`StepGuardCallback`).
@@ -77,14 +122,14 @@ class StepGuard:
         stepped, self._stepped = self._stepped, False
         if stepped:
             return
-        bad = self._bad_loss
-        if self._distributed_any is not None:
-            bad = self._distributed_any(bad)
+        bad = torch.as_tensor(self._bad_loss)
+        bad = bool(self._distributed_any(bad)) if self._distributed_any is not None else bool(bad)
         ids, self._example_ids, self._bad_loss = self._example_ids, [], False
         if bad:
             self._skip(ids)
 
-    def _skip(self, example_ids: list[int]) -> None:
+    def _skip(self, example_ids: list[torch.Tensor]) -> None:
+        example_ids = [int(i) for ids in example_ids for i in ids.reshape(-1).tolist()]
         self.skipped += 1
         self.consecutive += 1
         if not self._warned:
@@ -105,8 +150,13 @@ class StepGuard:
 class StepGuardCallback(TrainerCallback):
     """Ends the guard's step after every optimiser step, including those a loss scaler skipped."""
 
-    def __init__(self, guard: StepGuard):
+    def __init__(self, guard: StepGuard, on_train_begin=None):
         self.guard = guard
+        self._on_train_begin = on_train_begin
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self._on_train_begin is not None:
+            self._on_train_begin()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.guard.end_step()

@@ -68,7 +68,7 @@ def _score_batches(model, dataset: Dataset, collator, batch_size: int, batches: 
     with tqdm(total=max(last - first, 0), unit="rows", desc=desc, disable=not show) as bar:
         for number in batches:
             examples = [dataset[i] for i in range(number * batch_size, min((number + 1) * batch_size, len(dataset)))]
-            batch = {k: v.to(device) for k, v in collator(examples).items()}
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(examples).items()}
             token_logp, _, _ = response_token_logps(model, batch, chunk_size, impl=impl)
             mask, dense = response_rows(batch, token_logp)
             values.extend(dense[mask].tolist())

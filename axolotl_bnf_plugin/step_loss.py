@@ -19,7 +19,7 @@ from .initial_policy import eval_mode
 from .kernels import with_rule_gradient
 from .methods import Method, batch_normalizer, method_class, method_from_config
 from .methods.common import Metrics
-from .model_io import response_token_logps, router_aux_coef
+from .model_io import response_token_logps, router_aux_coef, unwrap
 from .telemetry import shift_metrics
 
 
@@ -84,7 +84,7 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
                                     normalizer=normalizer)
         loss = with_rule_gradient(loss, logp, response_rows(batch, rule_grad)[1])
     if ref_logp is not None:
-        metrics.merge(shift_metrics(logp, ref_logp, mask, batch["sign"]))
+        metrics.merge(shift_metrics(logp, ref_logp, mask, batch["sign"], compute_dtype=compute_dtype(model, logp.device)))
     if aux_coef is not None:
         loss = _add_router_aux(loss, metrics, aux[0], aux_coef, batch, normalizer)
     return loss, metrics
@@ -108,6 +108,13 @@ def _add_router_aux(loss, metrics: Metrics, aux_loss, coef: float, batch, normal
     metrics["aux_loss"] = aux_loss.detach()
     metrics.counts["aux_loss"] = n_batch.detach()
     return loss + (coef * weight) * aux_loss
+
+
+def compute_dtype(model, device: torch.device) -> torch.dtype:
+    """The dtype the model's forward on `device` computes in: autocast's where it is on, else its head's."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return unwrap(model).get_output_embeddings().weight.dtype
 
 
 def live_reference_logps(policy, batch, settings: LossSettings, reference) -> torch.Tensor:

@@ -12,14 +12,25 @@ from .kernels.schedule import block_bytes, default_chunk_size, element_bytes
 from .methods.common import Metrics
 
 
-# A response "went down" when its mean log-prob fell by more than this (nats per token): two scorings of
-# the same weights in differently padded batches differ by float noise, which must not count as a fall.
+# A response "went down" when its mean log-prob fell by more than a tolerance (nats per token): two scorings
+# of the same weights in differently laid out batches (padded, packed, another micro-batch size) differ by the
+# rounding of the model's compute dtype, which must not count as a fall. fp32: 1e-4; half precision: a few
+# units of its rounding (bf16 0.031, fp16 0.0039), above the layout noise of a bf16 forward.
 DOWN_TOLERANCE = 1e-4
 
 
-def shift_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor) -> Metrics:
+def down_tolerance(compute_dtype: torch.dtype | None = None) -> float:
+    """The shift below which a response does not count as having gone down, for the model's compute dtype."""
+    if compute_dtype is None or not compute_dtype.is_floating_point:
+        return DOWN_TOLERANCE
+    return max(DOWN_TOLERANCE, 4 * torch.finfo(compute_dtype).eps)
+
+
+def shift_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor,
+                  compute_dtype: torch.dtype | None = None) -> Metrics:
     """Per response, the mean per-token log-prob now minus at the start of training; averaged over
-    chosen and over rejected responses, plus the fraction of chosen responses whose likelihood fell.
+    chosen and over rejected responses, plus the fraction of chosen responses whose likelihood fell (by more
+    than `down_tolerance(compute_dtype)`).
 
     `logp`, `ref_logp` (the initial policy's), `mask`: `[B, T]`; `sign`: `[B]`. Rows without scored tokens are left out.
     """
@@ -32,7 +43,7 @@ def shift_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor
     metrics = Metrics()
     metrics.add_mean("shift/chosen", per_response, chosen)
     metrics.add_mean("shift/rejected", per_response, rejected)
-    metrics.add_mean("shift/chosen_down_frac", (per_response < -DOWN_TOLERANCE).float(), chosen)
+    metrics.add_mean("shift/chosen_down_frac", (per_response < -down_tolerance(compute_dtype)).float(), chosen)
     return metrics
 
 

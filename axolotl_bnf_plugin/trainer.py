@@ -20,8 +20,8 @@ from .initial_policy import DisabledAdapter, live_reference  # noqa: F401 (Disab
 from .kernels import raise_pending, resolve_impl
 from .methods import batch_normalizer
 from .metric_sums import MetricSums
-from .model_io import head_shape, router_aux_coef, unwrap
-from .numerics import StepGuard, StepGuardCallback
+from .model_io import head_shape, local_bytes, router_aux_coef, unwrap
+from .numerics import StepGuard, StepGuardCallback, deepspeed_local_gradients
 from .processes import launched_processes
 from .reference import with_reference_logps
 from .step_loss import LossSettings, batch_loss
@@ -83,11 +83,13 @@ class BNFTrainer(AxolotlTrainer):
         # A loss scaler (fp16 on an accelerator) skips steps with non-finite gradients itself; fp16 on the CPU
         # has none, so there the guard checks them.
         self.guard = StepGuard(self.plugin_config.bnf_max_bad_steps, check_gradients=self.accelerator.scaler is None)
-        self.add_callback(StepGuardCallback(self.guard))
+        self.add_callback(StepGuardCallback(self.guard, on_train_begin=self._guard_deepspeed_step))
+        if not self.is_deepspeed_enabled:  # DeepSpeed's norm comes after its step, too late for the guard
+            self.accelerator.clip_grad_norm_ = self._note_clipped_norm(self.accelerator.clip_grad_norm_)
         self.reference = None
         self.precomputed_reference = self.method.needs_ref_logps and self.plugin_config.bnf_precompute_ref
         if self.method.needs_ref_logps and not self.precomputed_reference:
-            self.reference = live_reference(self.model)
+            self.reference = live_reference(self.model, shard=self._shard_like_policy if self.is_fsdp_enabled else None)
         self.displacement = DisplacementMonitor(self.plugin_config.bnf_displacement_patience)
         self.phase_memory = PhaseMemory(self.args.device)
         self._preflight = self._preflight_bytes()
@@ -110,6 +112,24 @@ class BNFTrainer(AxolotlTrainer):
                      "output_router_logits unset); `model_config: {output_router_logits: true}` trains it")
 
     # ----------------------------------------------------------------------------------- reference
+    def _shard_like_policy(self, frozen: torch.nn.Module) -> torch.nn.Module:
+        """FSDP2: BNF's frozen reference prepared by the engine that prepared the policy.
+
+        accelerate's FSDP2 prepare (Axolotl's patch of it, where Axolotl installed one) shards every wrapped
+        layer and the root with the run's `fsdp_config`, and with `cpu_ram_efficient_loading` broadcasts the
+        first process's weights. Each process then holds a shard of the reference, as of the policy, and a
+        reference forward gathers one layer at a time.
+        """
+        import accelerate.accelerator
+
+        if self.accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise NotImplementedError("BNF's frozen reference is sharded with FSDP2 only (fsdp_version: 2)")
+        sharded = accelerate.accelerator.fsdp2_prepare_model(self.accelerator, frozen)
+        mib = [sum(local_bytes(p) for p in m.parameters()) / 2**20 for m in (sharded, self.model)]
+        LOG.info("BNF reference: sharded by FSDP2 like the policy; this process holds %.1f MiB of it (of the "
+                 "policy: %.1f MiB)", *mib)
+        return sharded
+
     def _reference_mode(self) -> str:
         if not self.method.needs_ref_logps:
             return "none"
@@ -222,14 +242,41 @@ class BNFTrainer(AxolotlTrainer):
         return self.accelerator.autocast()
 
     def create_optimizer(self, *args, **kwargs):
+        """The step guard wraps the optimiser's step, except under DeepSpeed (`_guard_deepspeed_step`)."""
         optimizer = super().create_optimizer(*args, **kwargs)
-        self.guard.wrap(optimizer, self.model.parameters, distributed_any=self._any_process)
+        if not self.is_deepspeed_enabled:
+            self.guard.wrap(optimizer, lambda: [p.grad for p in self.model.parameters() if p.grad is not None],
+                            distributed_any=self._any_process)
         return optimizer
 
-    def _any_process(self, flag: bool) -> bool:
+    def _guard_deepspeed_step(self) -> None:
+        """Under DeepSpeed the engine steps inside accelerate's `backward`, through its ZeRO optimiser, which
+        calls the inner optimiser once per parameter group: the guard wraps the ZeRO optimiser's step, the
+        one that updates every parameter, once the engine exists (the start of training)."""
+        zero_optimizer = getattr(self.model_wrapped, "optimizer", None)
+        if not self.is_deepspeed_enabled or zero_optimizer is None or getattr(zero_optimizer, "_bnf_guarded", False):
+            return
+        self.guard.wrap(zero_optimizer, lambda: deepspeed_local_gradients(zero_optimizer),
+                        distributed_any=self._any_process, zero_grad=zero_optimizer.zero_grad)
+        zero_optimizer._bnf_guarded = True
+
+    def _note_clipped_norm(self, clip_grad_norm_):
+        """accelerate's `clip_grad_norm_`, also handing the norm it computes (over all processes) to the guard,
+        so that the guard's gradient check adds no pass over the gradients and no collective."""
+
+        def clip_and_note(*args, **kwargs):
+            norm = clip_grad_norm_(*args, **kwargs)
+            self.guard.note_grad_norm(norm)
+            return norm
+
+        return clip_and_note
+
+    def _any_process(self, flag) -> bool:
+        """`flag` (a bool or a 0-dim tensor) on any process: one host sync, and one all-reduce when distributed."""
+        flag = torch.as_tensor(flag)
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return flag
-        value = torch.tensor([float(flag)], device=self.accelerator.device)
+            return bool(flag)
+        value = flag.to(self.accelerator.device, torch.float32).reshape(1)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
         return bool(value.item())
 
@@ -239,7 +286,6 @@ class BNFTrainer(AxolotlTrainer):
             self._examples_since_log += example_ids.numel()
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.phase_memory.end("backward")
-        self.guard.observe(loss, example_ids)
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -249,6 +295,7 @@ class BNFTrainer(AxolotlTrainer):
         loss, metrics = self._loss_and_metrics(model, inputs, normalizer=normalizer)
         if model.training:
             self.phase_memory.end("forward")  # policy (and reference) forward, loss
+            self.guard.observe(loss, inputs.get("example_ids"))  # before backward, where DeepSpeed steps
         if normalizer is not None and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             # n counts every process's units, and DDP averages gradients over processes: undo that mean.
             loss = loss * self.accelerator.num_processes

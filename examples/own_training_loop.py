@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     elif settings.method.needs_ref_logps:
         ref_logps = initial_policy_logps(model, examples, collator, batch_size=len(examples), device=args.device)
         examples = [dict(example, **{REF_LOGPS: ref}) for example, ref in zip(examples, ref_logps)]
-    batch = {key: value.to(args.device) for key, value in collator(examples).items()}
+    batch = {key: value.to(args.device) if torch.is_tensor(value) else value
+             for key, value in collator(examples).items()}
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model.train()

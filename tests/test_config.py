@@ -127,6 +127,29 @@ def test_zero3_refuses_what_needs_the_policy_before_the_engine(tmp_path):
     translate_raw_config({"rl": "asft", "deepspeed": {"zero_optimization": {"stage": 1}}})
 
 
+def test_fsdp_refuses_fsdp1_and_scoring_before_a_lazy_load():
+    """FSDP1 for any method; with cpu_ram_efficient_loading, the passes that score the data with the initial
+    policy before FSDP2 broadcasts its weights. A live BNF reference (sharded at its first pass) is served."""
+    from axolotl_bnf_plugin.config import PluginConfigError
+
+    fsdp2 = {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}}
+    for method in ("bnf", "asft"):
+        for fsdp1 in ({"fsdp_config": {"reshard_after_forward": True}}, {"fsdp": ["full_shard"], "fsdp_version": 1}):
+            with pytest.raises(PluginConfigError, match=f"rl: {method} under FSDP needs FSDP2: set fsdp_version: 2"):
+                translate_raw_config({"rl": method, **fsdp1})
+        translate_raw_config({"rl": method, **fsdp2})
+    translate_raw_config({"rl": "bnf", "fsdp_config": {"fsdp_version": 2}})  # the version inside fsdp_config
+    lazy = {"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}}
+    with pytest.raises(PluginConfigError, match="bnf_precompute_ref cannot be used with fsdp_config.cpu_ram_eff"):
+        translate_raw_config({"rl": "bnf", **lazy, "bnf_precompute_ref": True})
+    translate_raw_config({"rl": "bnf", **lazy})
+    translate_raw_config({"rl": "bnf", **fsdp2, "bnf_precompute_ref": True})
+    with pytest.raises(PluginConfigError, match="set bnf_shift_metrics: false, or remove cpu_ram_efficient"):
+        translate_raw_config({"rl": "asft", **lazy, "val_set_size": 0.1})
+    translate_raw_config({"rl": "asft", **lazy, "val_set_size": 0.1, "bnf_shift_metrics": False})
+    translate_raw_config({"rl": "asft", **lazy})
+
+
 def test_bad_config_fails_in_load_cfg_before_any_model(tiny_assets, tmp_path):
     cfg = base_config(tiny_assets, tmp_path, "bnf", bnf_lenght_norm="batch_min")
     cfg["base_model"] = str(tmp_path / "no-such-model")  # would fail differently if anything were loaded

@@ -187,7 +187,7 @@ def test_step_guard_with_a_loss_scaler():
     param = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([param], lr=0.1)
     guard = StepGuard(max_bad_steps=2, check_gradients=False)
-    guard.wrap(optimizer, lambda: [param])
+    guard.wrap(optimizer, lambda: [param.grad])
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     callback = StepGuardCallback(guard)
 

@@ -65,3 +65,4 @@ def test_method_card_names_method_formula_paper_and_reference():
     asft = method_card(LossSettings(ASFT(lam=0.5)), "none", "eval only", True)
     assert "Aligned Supervised Fine-Tuning" in asft and "not Anchored SFT" in asft and "lambda=0.5" in asft and "shift metrics: eval only" in asft
     assert "reference-free" in asft and "sample packing: on" in asft
+

@@ -3,8 +3,9 @@
 Unpacked (the default), each response is its own row, right-padded, with an attention mask. With
 `sample_packing: true`, Axolotl's multipack sampler hands over bins of examples; all responses of a bin
 are concatenated into one row, and `position_ids` restart at 0 for every response. No attention mask is
-given then, so the model's attention keeps the responses apart (transformers builds a block-diagonal
-causal mask from the position ids; flash-attention uses them as varlen boundaries).
+given then: the model's attention keeps the responses apart from the position ids (transformers builds a
+block-diagonal causal mask from them) and, under flash-attention, from the batch's varlen boundaries
+(`cu_seq_lens_q/k`, `max_length_q/k`, see `varlen_boundaries`).
 
 With `bnf_precompute_ref`, examples also carry their responses' reference log-probs, laid out like the
 labels in `ref_logps` (the name of that column in the examples too). Either way the batch carries, per token, `response_index` (which response, -1 for padding) and, per
@@ -109,10 +110,12 @@ class ResponseBatchCollator:
         attention_mask = torch.zeros(shape, dtype=torch.long)
         has_ref = all(segment[3] is not None for row in rows for segment in row)
         ref_logps = torch.zeros(shape, dtype=torch.float32) if has_ref else None
+        segments: list[int] = []  # lengths of the rows' sequences (responses, trailing padding), flattened
         for r, row in enumerate(rows):
             start = 0
             for ids, plen, number, ref in row:
                 stop = start + len(ids)
+                segments.append(len(ids))
                 ids_t = torch.as_tensor(ids, dtype=torch.long)
                 input_ids[r, start:stop] = ids_t
                 labels[r, start + max(plen, 1):stop] = ids_t[max(plen, 1):]
@@ -123,6 +126,8 @@ class ResponseBatchCollator:
                 attention_mask[r, start:stop] = 1
                 start = stop
             position_ids[r, start:] = torch.arange(width - start)
+            if width > start:
+                segments.append(width - start)
         # Flat indices of the positions that score a label (position t scores label t + 1), computed
         # here on the CPU so the fused op and the re-layout need no device-to-host synchronisation.
         scored_index = (labels[:, 1:] != IGNORE_INDEX).nonzero()
@@ -137,9 +142,28 @@ class ResponseBatchCollator:
         }
         if not packed:
             batch["attention_mask"] = attention_mask
+        else:
+            batch.update(varlen_boundaries(segments))
         if has_ref:
             batch[REF_LOGPS] = ref_logps
         return batch
+
+
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def varlen_boundaries(segments: list[int]) -> dict[str, Any]:
+    """A packed batch's sequences as flash-attention's varlen arguments, over the batch's rows flattened.
+
+    transformers derives them from `position_ids` only for a batch of one row; with several rows (packing
+    with `multipack_real_batches`, micro-batch > 1) its flash-attention path would otherwise attend across
+    the responses of a row. The lengths are known here, on the CPU: no device sync in the forward. The
+    maximum length is a Python int, as flash-attention takes it.
+    """
+    cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
+    cu[1:] = torch.as_tensor(segments, dtype=torch.int32).cumsum(0)
+    longest = max(segments, default=0)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(), "max_length_q": longest, "max_length_k": longest}
 
 
 def response_rows(batch: dict[str, torch.Tensor], *token_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
