@@ -123,6 +123,13 @@ def _check_raw_config(cfg: dict, method: str) -> None:
     _check_model_head(cfg, method)
 
 
+def _scores_shift_baseline(cfg: dict, method: str) -> bool:
+    """Whether ASFT's shift metrics will score data with the initial policy before training: the training set
+    (`asft_shift_on_train`) or an eval set."""
+    scores_data = cfg.get("asft_shift_on_train") or cfg.get("val_set_size") or cfg.get("test_datasets")
+    return method == "asft" and cfg.get("bnf_shift_metrics", True) and bool(scores_data)
+
+
 def _check_fsdp(cfg: dict, method: str) -> None:
     """What FSDP cannot serve: FSDP1, and scoring the data with a policy whose weights are not loaded yet.
 
@@ -149,8 +156,7 @@ def _check_fsdp(cfg: dict, method: str) -> None:
             "shards it, when only the first process holds its weights; remove bnf_precompute_ref (the "
             "reference is then a frozen copy sharded like the policy) or cpu_ram_efficient_loading"
         )
-    scores_data = cfg.get("asft_shift_on_train") or cfg.get("val_set_size") or cfg.get("test_datasets")
-    if method == "asft" and cfg.get("bnf_shift_metrics", True) and scores_data:
+    if _scores_shift_baseline(cfg, method):
         raise PluginConfigError(
             f"rl: asft's shift metrics {where} need the initial policy to score the data before FSDP2 shards "
             "it, when only the first process holds its weights; set bnf_shift_metrics: false, or remove "
@@ -206,8 +212,7 @@ def _check_zero3(cfg: dict, method: str) -> None:
             f"rl: bnf with full fine-tuning {where} has no reference: the partitioned policy cannot be copied; "
             "train an adapter (adapter: lora), whose disabled policy is the reference"
         )
-    scores_data = cfg.get("asft_shift_on_train") or cfg.get("val_set_size") or cfg.get("test_datasets")
-    if method == "asft" and cfg.get("bnf_shift_metrics", True) and scores_data:
+    if _scores_shift_baseline(cfg, method):
         raise PluginConfigError(
             f"rl: asft's shift metrics {where} need the initial policy to score the data before DeepSpeed's "
             "engine exists, and ZeRO-3 loads the policy partitioned; set bnf_shift_metrics: false"

@@ -77,14 +77,19 @@ class FrozenCopy:
     `shard(copy) -> prepared copy`, when given, is run once before the first reference pass, after the engine
     prepared the policy: under FSDP2 the copy is sharded by the same engine as the policy, so that each
     process holds its shard of the reference, not a whole replica. Until then the copy stays where the policy
-    was loaded (the CPU under FSDP; with `cpu_ram_efficient_loading`, empty `meta` weights on all processes
-    but the first, whose weights the engine broadcasts when it shards).
+    was loaded (the CPU under FSDP: a second copy of the model in host memory until the first step); with
+    `cpu_ram_efficient_loading` every process but the first holds empty `meta` weights (`weights_on_meta`),
+    and the engine broadcasts the first one's as it shards.
     """
 
     description = "a frozen copy of the initial policy"
 
-    def __init__(self, model, shard=None):
-        self.model = copy.deepcopy(model).eval()
+    def __init__(self, model, shard=None, weights_on_meta: bool = False):
+        # `weights_on_meta`: the copy's parameters are empty `meta` tensors (a process whose weights `shard`
+        # receives from another); its buffers are copied.
+        memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                for p in model.parameters()} if weights_on_meta else {}
+        self.model = copy.deepcopy(model, memo).eval()
         self.model.requires_grad_(False)
         self._shard = shard
         if shard is not None:
@@ -160,11 +165,12 @@ def _save_only(peft_model, adapter: str) -> None:
     peft_model.save_pretrained = save_pretrained
 
 
-def live_reference(model, shard=None):
-    """BNF's reference for `model` as it is now (call before the first update). `shard`: see `FrozenCopy`."""
+def live_reference(model, shard=None, weights_on_meta: bool = False):
+    """BNF's reference for `model` as it is now (call before the first update). `shard`, `weights_on_meta`:
+    see `FrozenCopy`."""
     peft_model = unwrap_peft(model)
     if not hasattr(peft_model, "disable_adapter"):
-        reference = FrozenCopy(model, shard=shard)
+        reference = FrozenCopy(model, shard=shard, weights_on_meta=weights_on_meta)
     elif adapter_is_identity(peft_model):
         reference = DisabledAdapter(model)
     else:

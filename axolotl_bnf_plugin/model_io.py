@@ -323,10 +323,15 @@ def forward_hidden(model, batch: dict[str, torch.Tensor], router_aux: bool = Fal
     the flag the model is called exactly as before.
     """
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if "flash" in str(getattr(getattr(unwrap(model), "config", None), "_attn_implementation", "")):
-        # A packed batch's sequence boundaries, which transformers' flash-attention path honours for any
-        # number of rows (from position ids it derives them for one row only).
-        kwargs.update({k: batch[k] for k in VARLEN_KEYS if k in batch})
+    rows = batch["input_ids"].shape[0]
+    varlen = "cu_seq_lens_q" in batch and _varlen_attention(model)
+    if varlen:
+        # A packed batch under a varlen attention kernel: its rows as one row, with its sequences' boundaries.
+        # transformers derives the boundaries from position ids for a batch of one row only, and kernels that
+        # take `cu_seq_lens` (flash-attention, linear-attention layers of hybrid models) expect one row.
+        kwargs["input_ids"] = kwargs["input_ids"].reshape(1, -1)
+        kwargs["position_ids"] = kwargs["position_ids"].reshape(1, -1)
+        kwargs.update({k: batch[k] for k in VARLEN_KEYS})
     want_aux = router_aux and _router_logits_on(model)
     if _router_logits_on(model):
         kwargs["output_router_logits"] = want_aux
@@ -334,10 +339,21 @@ def forward_hidden(model, batch: dict[str, torch.Tensor], router_aux: bool = Fal
         outputs = model(**kwargs, logits_to_keep=1, use_cache=False, return_dict=True)
     if len(captured) != 1:
         raise RuntimeError(f"expected one decoder forward, saw {len(captured)}")
+    hidden = captured[0].view(rows, -1, captured[0].shape[-1]) if varlen else captured[0]
     last_logits = getattr(outputs, "logits", None)
     if not router_aux:
-        return captured[0], last_logits
-    return captured[0], last_logits, _router_aux_loss(model, outputs, batch) if want_aux else None
+        return hidden, last_logits
+    return hidden, last_logits, _router_aux_loss(model, outputs, batch) if want_aux else None
+
+
+# Attention implementations whose kernels take a packed row's sequence boundaries (`cu_seq_lens_q/k`):
+# flash-attention 2 / 3 and its hub kernels, xformers, and varlen variants.
+VARLEN_ATTENTION = ("flash", "xformers", "varlen")
+
+
+def _varlen_attention(model) -> bool:
+    implementation = str(getattr(getattr(unwrap(model), "config", None), "_attn_implementation", "") or "")
+    return any(name in implementation for name in VARLEN_ATTENTION)
 
 
 def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
@@ -440,8 +456,10 @@ def check_head_matches(model, hidden: torch.Tensor, last_logits: torch.Tensor | 
     """
     if last_logits is None:
         return
-    ours = head.transform.apply(torch.nn.functional.linear(hidden[:, -1], head.weight, head.bias).float())
     theirs = last_logits[:, -1].float()
+    # The model's logits are of its last row's last position (one row for a packed batch run as one row).
+    last = hidden[-theirs.shape[0]:, -1]
+    ours = head.transform.apply(torch.nn.functional.linear(last, head.weight, head.bias).float())
     if ours.shape != theirs.shape:
         raise RuntimeError(
             f"{type(unwrap(model)).__name__}: the model's logits have {theirs.shape[-1]} columns but its output "

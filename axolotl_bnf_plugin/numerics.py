@@ -34,17 +34,19 @@ def all_finite(tensors) -> torch.Tensor:
     return torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=float("inf")))
 
 
-def deepspeed_local_gradients(zero_optimizer) -> list[torch.Tensor]:
+def deepspeed_local_gradients(zero_optimizer) -> list[torch.Tensor] | None:
     """This process's partition of the reduced gradients a DeepSpeed ZeRO optimizer is about to step with
-    (`p.grad` is None under ZeRO): ZeRO-3 keeps them in one flat buffer, ZeRO-1/2 per group."""
+    (`p.grad` is empty under ZeRO): ZeRO-3 keeps them in one flat buffer, ZeRO-1/2 per group. None where they
+    cannot be read safely at that point (ZeRO-1/2 offloading to the CPU fills its buffers asynchronously; a
+    layout not listed here): the guard then checks the loss only."""
     flat = getattr(zero_optimizer, "grad_partitions_flat_buffer", None)
     if flat is not None:
         return [flat]
     averaged = getattr(zero_optimizer, "averaged_gradients", None)
-    if averaged:
+    if averaged and not getattr(zero_optimizer, "cpu_offload", False):
         groups = averaged.values() if isinstance(averaged, dict) else averaged
         return [g for grads in groups if grads for g in grads if g is not None]
-    return [p.grad for group in zero_optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return None
 
 
 class StepGuard:
@@ -91,16 +93,49 @@ class StepGuard:
         optimizer.step = guarded_step
         return optimizer
 
+    def wrap_zero_optimizer(self, zero_optimizer, distributed_any=None):
+        """DeepSpeed: decide in the ZeRO optimiser's step (the one that updates every parameter, which the
+        engine calls inside accelerate's `backward`), and skip a bad step through DeepSpeed's own overflow
+        path, as for an fp16 overflow: its gradients, buffers, micro-step count and loss scale are handled by
+        DeepSpeed, the engine counts the step skipped and the learning-rate schedule does not advance.
+        """
+        if not hasattr(zero_optimizer, "_update_scale"):  # no overflow path to take: skip the step here
+            return self.wrap(zero_optimizer, lambda: deepspeed_local_gradients(zero_optimizer), distributed_any)
+        original_step, original_update_scale = zero_optimizer.step, zero_optimizer._update_scale
+        self._distributed_any = distributed_any
+        forced = [False]
+
+        def update_scale(has_overflow=False):
+            if forced[0]:
+                zero_optimizer.overflow = has_overflow = True
+            return original_update_scale(has_overflow)
+
+        def guarded_step(*args, **kwargs):
+            forced[0] = self.step_is_bad(lambda: deepspeed_local_gradients(zero_optimizer))
+            zero_optimizer.overflow = False  # a forced overflow must not outlive its step (bf16 never resets it)
+            try:
+                return original_step(*args, **kwargs)
+            finally:
+                flat = getattr(zero_optimizer, "grad_partitions_flat_buffer", None)
+                if forced[0] and flat is not None:  # slots no parameter overwrites next step stay NaN otherwise
+                    flat.zero_()
+                forced[0] = False
+
+        zero_optimizer._update_scale = update_scale
+        zero_optimizer.step = guarded_step
+        return zero_optimizer
+
     def step_is_bad(self, local_gradients) -> bool:
         """Decide the current optimiser step (the same on every process), and count it if bad."""
         self._stepped = True
         bad = torch.as_tensor(self._bad_loss)
         norm, self._grad_norm = self._grad_norm, None
         if self.check_gradients:
-            if norm is not None:
+            if norm is not None:  # this process's part of the total norm (a partial DTensor under FSDP2)
                 finite = torch.isfinite(torch.as_tensor(_local(norm))).all()
             else:
-                finite = all_finite(local_gradients())
+                local = local_gradients()
+                finite = all_finite(local) if local is not None else torch.tensor(True)
             bad = bad.to(finite.device) | ~finite
         bad = bool(self._distributed_any(bad)) if self._distributed_any is not None else bool(bad)
         ids, self._example_ids, self._bad_loss = self._example_ids, [], False

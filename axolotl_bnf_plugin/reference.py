@@ -11,8 +11,8 @@ receives all the results, so every rank holds the same numbers as a one-process 
 on the main process shows rows/s and the time left.
 
 The result is stored as a `ref_logps` column (one list per response, one value per scored
-completion token) and cached on disk next to the prepared data. The cache key is what the numbers depend
-on: the selected examples' tokens, the weights the model was loaded from (a fingerprint of the files, not
+completion token), built from flat arrays (`PolicyScores`), never one Python float per token, and cached
+on disk next to the prepared data. The cache key is what the numbers depend on: the selected examples' tokens, the weights the model was loaded from (a fingerprint of the files, not
 their path: see `weights_fingerprint`), the adapter's starting weights, and the dtype. A log line says
 whether a cache was reused or written, and under which key.
 """
@@ -22,10 +22,12 @@ import json
 import logging
 import os
 import uuid
+from dataclasses import dataclass
 from hashlib import md5
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -56,12 +58,39 @@ def _block(num_batches: int, rank: int, world: int) -> range:
     return range(start, start + per + (1 if rank < extra else 0))
 
 
+@dataclass
+class PolicyScores:
+    """The initial policy's scores of a data set as flat arrays, never as one Python float per token (the
+    lists of a 100M-token set would take GBs on every process): `values` `[tokens]` float32, and how they
+    split into responses (`tokens_per_response`) and examples (`responses_per_example`)."""
+
+    values: np.ndarray
+    tokens_per_response: np.ndarray
+    responses_per_example: np.ndarray
+
+    def as_arrow(self):
+        """`list<list<float32>>`, one row per example: the `ref_logps` column, built from the arrays."""
+        import pyarrow as pa
+
+        def offsets(counts: np.ndarray):
+            return pa.array(np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]), type=pa.int64())
+
+        responses = pa.LargeListArray.from_arrays(offsets(self.tokens_per_response), pa.array(self.values))
+        return pa.LargeListArray.from_arrays(offsets(self.responses_per_example), responses).cast(
+            pa.list_(pa.list_(pa.float32())))
+
+    def as_lists(self) -> list[list[list[float]]]:
+        """For each example, for each response, the log-prob of every scored completion token."""
+        return self.as_arrow().to_pylist()
+
+
 @torch.no_grad()
 def _score_batches(model, dataset: Dataset, collator, batch_size: int, batches: range, device, chunk_size, impl,
-                   desc: str, show: bool) -> tuple[list[float], list[int], list[int]]:
-    """(flat token log-probs, tokens per response, responses per example) of the examples in `batches`."""
-    values: list[float] = []
-    tokens_per_response: list[int] = []
+                   desc: str, show: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flat token log-probs, tokens per response, responses per example) of the examples in `batches`, on the
+    CPU."""
+    values: list[torch.Tensor] = [torch.zeros(0)]
+    tokens_per_response: list[torch.Tensor] = [torch.zeros(0, dtype=torch.int64)]
     responses_per_example: list[int] = []
     first = batches.start * batch_size
     last = min(batches.stop * batch_size, len(dataset))
@@ -71,11 +100,11 @@ def _score_batches(model, dataset: Dataset, collator, batch_size: int, batches: 
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(examples).items()}
             token_logp, _, _ = response_token_logps(model, batch, chunk_size, impl=impl)
             mask, dense = response_rows(batch, token_logp)
-            values.extend(dense[mask].tolist())
-            tokens_per_response.extend(mask.sum(1).tolist())
+            values.append(dense[mask].float().cpu())
+            tokens_per_response.append(mask.sum(1).cpu())
             responses_per_example.extend(len(example["response_sign"]) for example in examples)
             bar.update(len(examples))
-    return values, tokens_per_response, responses_per_example
+    return torch.cat(values), torch.cat(tokens_per_response), torch.tensor(responses_per_example, dtype=torch.int64)
 
 
 def _all_gather_1d(local: torch.Tensor, world: int) -> list[torch.Tensor]:
@@ -91,31 +120,27 @@ def _all_gather_1d(local: torch.Tensor, world: int) -> list[torch.Tensor]:
     return [g[: int(s.item())] for g, s in zip(gathered, sizes)]
 
 
-def initial_policy_logps(model, dataset: Dataset, collator: ResponseBatchCollator, batch_size: int, device,
-                         chunk_size: int | None = None, impl: str = "auto",
-                         desc: str = "scoring with the initial policy") -> list[list[list[float]]]:
-    """For each example, for each response: the initial policy's log-prob of every scored completion token."""
+def initial_policy_scores(model, dataset: Dataset, collator: ResponseBatchCollator, batch_size: int, device,
+                          chunk_size: int | None = None, impl: str = "auto",
+                          desc: str = "scoring with the initial policy") -> PolicyScores:
+    """The initial policy's log-prob of every scored completion token of every response, as arrays; scored by
+    all processes (each its block of batches), and every process gets all of them."""
     rank, world = _distributed()
     num_batches = -(-len(dataset) // batch_size)
     with eval_mode(model):
         parts = _score_batches(model, dataset, collator, batch_size, _block(num_batches, rank, world), device,
                                chunk_size, impl, desc, show=rank == 0)
     if world > 1:
-        dtypes = (torch.float32, torch.int64, torch.int64)
-        gathered = [_all_gather_1d(torch.tensor(part, dtype=dtype, device=device), world)
-                    for part, dtype in zip(parts, dtypes)]
-        parts = tuple(torch.cat([g.cpu() for g in pieces]).tolist() for pieces in gathered)
-    values, tokens_per_response, responses_per_example = parts
-    out: list[list[list[float]]] = []
-    position, response = 0, 0
-    for count in responses_per_example:
-        example = []
-        for length in tokens_per_response[response:response + count]:
-            example.append(values[position:position + length])
-            position += length
-        response += count
-        out.append(example)
-    return out
+        parts = tuple(torch.cat([g.cpu() for g in _all_gather_1d(part.to(device), world)]) for part in parts)
+    return PolicyScores(*(part.numpy() for part in parts))
+
+
+def initial_policy_logps(model, dataset: Dataset, collator: ResponseBatchCollator, batch_size: int, device,
+                         chunk_size: int | None = None, impl: str = "auto",
+                         desc: str = "scoring with the initial policy") -> list[list[list[float]]]:
+    """For each example, for each response: the initial policy's log-prob of every scored completion token
+    (`initial_policy_scores` as nested lists, for a training loop of your own)."""
+    return initial_policy_scores(model, dataset, collator, batch_size, device, chunk_size, impl, desc).as_lists()
 
 
 def _content_hash(dataset: Dataset) -> str:
@@ -175,9 +200,11 @@ def _save(values, feature, path: Path) -> None:
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return
     from datasets import Dataset, Features
+    from datasets.table import InMemoryTable
 
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    Dataset.from_dict({REF_COLUMN: values}, features=Features({REF_COLUMN: feature})).save_to_disk(str(tmp))
+    table = InMemoryTable.from_pydict({REF_COLUMN: values}, schema=Features({REF_COLUMN: feature}).arrow_schema)
+    Dataset(table).save_to_disk(str(tmp))
     try:
         os.replace(tmp, path)
     except OSError:  # another node wrote the same cache first
@@ -199,12 +226,12 @@ def with_reference_logps(dataset: Dataset, model, collator, batch_size: int, dev
     if _all_processes_have(path, device):
         LOG.info("initial-policy log-probs (%s): cache reused, key %s (%s)", split, key, path)
         cached = load_from_disk(str(path))
-        return dataset.add_column(REF_COLUMN, cached[REF_COLUMN], feature=cached.features[REF_COLUMN])
+        return dataset.add_column(REF_COLUMN, cached.data.column(REF_COLUMN), feature=cached.features[REF_COLUMN])
     world = _distributed()[1]
     LOG.info("initial-policy log-probs (%s): not cached (key %s): scoring %d examples once on %d process(es)",
              split, key, len(dataset), world)
-    values = initial_policy_logps(model, dataset, collator, batch_size, device, chunk_size, impl,
-                                  desc=f"scoring {split} with the initial policy")
+    values = initial_policy_scores(model, dataset, collator, batch_size, device, chunk_size, impl,
+                                   desc=f"scoring {split} with the initial policy").as_arrow()
     if path is not None:
         _save(values, feature, path)
         LOG.info("initial-policy log-probs (%s): cached under key %s (%s)", split, key, path)

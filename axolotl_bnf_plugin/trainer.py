@@ -15,13 +15,13 @@ from axolotl.utils.logging import get_logger
 
 from . import initial_policy, numerics, reference
 from .args import plugin_settings
-from .data.collator import REF_LOGPS, ResponseBatchCollator, leading_examples
+from .data.collator import NORMALIZER_UNITS, REF_LOGPS, ResponseBatchCollator, leading_examples
 from .initial_policy import DisabledAdapter, live_reference  # noqa: F401 (DisabledAdapter: public)
 from .kernels import raise_pending, resolve_impl
 from .methods import batch_normalizer
 from .metric_sums import MetricSums
 from .model_io import head_shape, local_bytes, router_aux_coef, unwrap
-from .numerics import StepGuard, StepGuardCallback, deepspeed_local_gradients
+from .numerics import StepGuard, StepGuardCallback
 from .processes import launched_processes
 from .reference import with_reference_logps
 from .step_loss import LossSettings, batch_loss
@@ -80,6 +80,7 @@ class BNFTrainer(AxolotlTrainer):
         # Training examples processed (all processes), logged as a running total: one pass over the data
         # per epoch is then visible in the logs, whatever the launch.
         self._examples_since_log, self._examples_seen = 0, 0
+        self._scored_since_log, self._slots_since_log = None, 0  # Axolotl's tokens/*, reduced at each log
         # A loss scaler (fp16 on an accelerator) skips steps with non-finite gradients itself; fp16 on the CPU
         # has none, so there the guard checks them.
         self.guard = StepGuard(self.plugin_config.bnf_max_bad_steps, check_gradients=self.accelerator.scaler is None)
@@ -89,7 +90,10 @@ class BNFTrainer(AxolotlTrainer):
         self.reference = None
         self.precomputed_reference = self.method.needs_ref_logps and self.plugin_config.bnf_precompute_ref
         if self.method.needs_ref_logps and not self.precomputed_reference:
-            self.reference = live_reference(self.model, shard=self._shard_like_policy if self.is_fsdp_enabled else None)
+            fsdp = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+            self.reference = live_reference(
+                self.model, shard=self._shard_like_policy if fsdp is not None else None,
+                weights_on_meta=bool(fsdp and fsdp.cpu_ram_efficient_loading and not self.accelerator.is_main_process))
         self.displacement = DisplacementMonitor(self.plugin_config.bnf_displacement_patience)
         self.phase_memory = PhaseMemory(self.args.device)
         self._preflight = self._preflight_bytes()
@@ -116,15 +120,22 @@ class BNFTrainer(AxolotlTrainer):
         """FSDP2: BNF's frozen reference prepared by the engine that prepared the policy.
 
         accelerate's FSDP2 prepare (Axolotl's patch of it, where Axolotl installed one) shards every wrapped
-        layer and the root with the run's `fsdp_config`, and with `cpu_ram_efficient_loading` broadcasts the
-        first process's weights. Each process then holds a shard of the reference, as of the policy, and a
-        reference forward gathers one layer at a time.
+        layer and the root with the run's `fsdp_config` (but always resharding after the forward), and with
+        `cpu_ram_efficient_loading` broadcasts the first process's weights. Each process then holds a shard of
+        the reference, as of the policy, and a reference forward gathers one layer at a time.
         """
         import accelerate.accelerator
 
-        if self.accelerator.state.fsdp_plugin.fsdp_version != 2:
+        plugin = self.accelerator.state.fsdp_plugin
+        if plugin.fsdp_version != 2:
             raise NotImplementedError("BNF's frozen reference is sharded with FSDP2 only (fsdp_version: 2)")
-        sharded = accelerate.accelerator.fsdp2_prepare_model(self.accelerator, frozen)
+        # Each layer resharded after its forward: the reference has no backward, which is where FSDP2 would
+        # otherwise reshard a layer kept gathered (reshard_after_forward: false), leaving a whole replica.
+        keep, plugin.reshard_after_forward = plugin.reshard_after_forward, True
+        try:
+            sharded = accelerate.accelerator.fsdp2_prepare_model(self.accelerator, frozen)
+        finally:
+            plugin.reshard_after_forward = keep
         mib = [sum(local_bytes(p) for p in m.parameters()) / 2**20 for m in (sharded, self.model)]
         LOG.info("BNF reference: sharded by FSDP2 like the policy; this process holds %.1f MiB of it (of the "
                  "policy: %.1f MiB)", *mib)
@@ -215,7 +226,8 @@ class BNFTrainer(AxolotlTrainer):
         """
         if not batch_samples or "pair_ids" not in batch_samples[0]:
             return None
-        n = sum(batch_normalizer(b["pair_ids"], b["sign"].shape[0]).float().cpu() for b in batch_samples)
+        n = sum(b[NORMALIZER_UNITS] if NORMALIZER_UNITS in b  # the collator's count, on the CPU: no device sync
+                else float(batch_normalizer(b["pair_ids"], b["sign"].shape[0])) for b in batch_samples)
         n = torch.as_tensor(n, dtype=torch.float32, device=device).reshape(1)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             n = self.accelerator.gather(n).sum().reshape(1)
@@ -256,13 +268,16 @@ class BNFTrainer(AxolotlTrainer):
         zero_optimizer = getattr(self.model_wrapped, "optimizer", None)
         if not self.is_deepspeed_enabled or zero_optimizer is None or getattr(zero_optimizer, "_bnf_guarded", False):
             return
-        self.guard.wrap(zero_optimizer, lambda: deepspeed_local_gradients(zero_optimizer),
-                        distributed_any=self._any_process, zero_grad=zero_optimizer.zero_grad)
+        # Under fp16 DeepSpeed's loss scaler skips overflowing steps and lowers the scale itself (accelerate
+        # builds no scaler for DeepSpeed); the guard then checks the loss only, as with accelerate's scaler.
+        self.guard.check_gradients = not self.model_wrapped.fp16_enabled()
+        self.guard.wrap_zero_optimizer(zero_optimizer, distributed_any=self._any_process)
         zero_optimizer._bnf_guarded = True
 
     def _note_clipped_norm(self, clip_grad_norm_):
-        """accelerate's `clip_grad_norm_`, also handing the norm it computes (over all processes) to the guard,
-        so that the guard's gradient check adds no pass over the gradients and no collective."""
+        """accelerate's `clip_grad_norm_`, also handing the norm it computes to the guard, so that the guard's
+        gradient check adds no pass over the gradients (the Trainer clips at every step: with an infinite
+        bound where `max_grad_norm` is 0)."""
 
         def clip_and_note(*args, **kwargs):
             norm = clip_grad_norm_(*args, **kwargs)
@@ -305,11 +320,21 @@ class BNFTrainer(AxolotlTrainer):
     def _count_tokens(self, inputs) -> None:
         """Axolotl's `tokens/*` metrics (`include_tkps`, on by default): AxolotlTrainer counts a batch's
         trainable (label != -100, here the scored response tokens) and total token slots in its own
-        `compute_loss`, which this trainer replaces, and reads the counts in `log`."""
+        `compute_loss`, which this trainer replaces, and reads the counts in `log`. They are added up on the
+        device and reduced over processes at the next log (`_flush_token_counts`), not per micro-batch."""
         if not getattr(self.args, "include_tkps", False):
             return
         labels = inputs["labels"]
-        counts = torch.stack([(labels != -100).sum(), torch.tensor(labels.numel(), device=labels.device)])
+        scored = (labels != -100).sum()
+        self._scored_since_log = scored if self._scored_since_log is None else self._scored_since_log + scored
+        self._slots_since_log += labels.numel()
+
+    def _flush_token_counts(self) -> None:
+        if self._scored_since_log is None:
+            return
+        scored, slots = self._scored_since_log, self._slots_since_log
+        self._scored_since_log, self._slots_since_log = None, 0
+        counts = torch.stack([scored.long(), torch.tensor(slots, device=scored.device)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
         counts = counts.cpu()
@@ -372,6 +397,7 @@ class BNFTrainer(AxolotlTrainer):
             if name != "loss" or prefix + name in logs:  # an eval_loss replaces the Trainer's
                 logs[prefix + name] = round(mean, 6)
         if split == "train" and "loss" in logs:
+            self._flush_token_counts()
             logs[SKIPPED_STEPS] = self.guard.skipped
             logs[EXAMPLES_SEEN] = self._count_examples_seen()
             logs.update(self.phase_memory.metrics())

@@ -138,14 +138,9 @@ def test_zero3_follows_the_single_process_trajectory(tiny_assets, tmp_path, tmp_
 def poisoned_run(tiny_assets, tmp_path, engine, poisoned_rows, method="asft", **overrides):
     """Train with the "<unk>" input embedding set to NaN and "<unk>" appended to the chosen answers of
     `poisoned_rows`: a micro-batch holding one of them has a non-finite loss and gradient."""
-    from test_train_e2e import _poisoned_model
+    from test_train_e2e import poisoned_data
 
-    rows = [json.loads(line) for line in (tiny_assets / "pairs_intel.jsonl").read_text().splitlines()]
-    for i in poisoned_rows:
-        rows[i]["chosen"] = rows[i]["chosen"] + " <unk>"
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model_dir = _poisoned_model(tiny_assets, tmp_path / "model")
+    data, model_dir = poisoned_data(tiny_assets, tmp_path, poisoned_rows)
     cfg = base_config(tiny_assets, tmp_path, method, base_model=str(model_dir), micro_batch_size=1, max_steps=6,
                       datasets=[{"path": str(data), "ds_type": "json", "type": "chatml.intel"}],
                       shuffle_merged_datasets=False, bnf_max_bad_steps=3, optimizer="sgd", learning_rate=0.05,
@@ -186,3 +181,19 @@ def test_consecutive_non_finite_steps_stop_the_run(tiny_assets, tmp_path, engine
     proc = poisoned_run(tiny_assets, tmp_path, engine, poisoned_rows=list(range(64)))
     assert proc.returncode != 0
     assert "3 consecutive optimiser steps had a non-finite loss or gradient" in proc.stdout + proc.stderr
+
+
+def test_deepspeed_skips_a_step_whose_gradient_alone_is_bad(tmp_path):
+    """A finite loss with a NaN gradient on one process (`tests/guard_worker.py`, ZeRO-3 engines stepped as
+    accelerate steps them, without and with accumulation): only the gradient check over both processes sees
+    it. The step is skipped through DeepSpeed's own overflow path (the engine counts it), the steps before and
+    after it are taken, and every weight stays finite."""
+    from conftest import run_two_process_worker
+
+    records = run_two_process_worker(Path(__file__).with_name("guard_worker.py"), tmp_path / "guard.json")
+    assert [r["case"] for r in records] == ["zero3", "zero3-accumulate"]
+    for record in records:
+        moved = record["moved"]
+        assert moved[1] == 0.0 and min(moved[0], moved[2], moved[3]) > 0, record
+        assert (record["skipped"], record["engine_skipped"], record["consecutive"]) == (1, 1, 0), record
+        assert record["finite"], record

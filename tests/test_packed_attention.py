@@ -72,7 +72,7 @@ def _sampler_batches(examples, capacity: int, bins_per_batch: int):
 
 def _response_logps(model, batch):
     with torch.no_grad():
-        logp, _, _ = response_token_logps(model, batch)
+        logp, _, _ = response_token_logps(model, batch, check_head=True)
     mask, dense = response_rows(batch, logp)
     return [dense[r][mask[r]] for r in range(mask.shape[0])]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,17 +225,22 @@ def _poisoned_model(tiny_assets, out):
     return out
 
 
-@pytest.mark.parametrize("poisoned_rows,expect_stop", [([3], False), (list(range(64)), True)],
-                         ids=["one-bad-example", "all-bad"])
-def test_non_finite_steps_are_skipped_then_stop(tiny_assets, tmp_path, poisoned_rows, expect_stop):
-    from safetensors.torch import load_file
-
+def poisoned_data(tiny_assets, tmp_path, poisoned_rows) -> tuple[Path, Path]:
+    """(pairs whose `poisoned_rows` end their chosen answer with "<unk>", the model with a NaN "<unk>" row)."""
     rows = [json.loads(line) for line in (tiny_assets / "pairs_intel.jsonl").read_text().splitlines()]
     for i in poisoned_rows:
         rows[i]["chosen"] = rows[i]["chosen"] + " <unk>"
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model_dir = _poisoned_model(tiny_assets, tmp_path / "model")
+    return data, _poisoned_model(tiny_assets, tmp_path / "model")
+
+
+@pytest.mark.parametrize("poisoned_rows,expect_stop", [([3], False), (list(range(64)), True)],
+                         ids=["one-bad-example", "all-bad"])
+def test_non_finite_steps_are_skipped_then_stop(tiny_assets, tmp_path, poisoned_rows, expect_stop):
+    from safetensors.torch import load_file
+
+    data, model_dir = poisoned_data(tiny_assets, tmp_path, poisoned_rows)
     cfg = base_config(tiny_assets, tmp_path, "bnf", base_model=str(model_dir), micro_batch_size=1, max_steps=8,
                       datasets=[{"path": str(data), "ds_type": "json", "type": "chatml.intel"}],
                       shuffle_merged_datasets=False, bnf_max_bad_steps=3)

@@ -4,8 +4,8 @@ Unpacked (the default), each response is its own row, right-padded, with an atte
 `sample_packing: true`, Axolotl's multipack sampler hands over bins of examples; all responses of a bin
 are concatenated into one row, and `position_ids` restart at 0 for every response. No attention mask is
 given then: the model's attention keeps the responses apart from the position ids (transformers builds a
-block-diagonal causal mask from them) and, under flash-attention, from the batch's varlen boundaries
-(`cu_seq_lens_q/k`, `max_length_q/k`, see `varlen_boundaries`).
+block-diagonal causal mask from them) and, under varlen kernels such as flash-attention, from the batch's
+sequence boundaries (`cu_seq_lens_q/k`, `max_length_q/k`, see `varlen_boundaries`).
 
 With `bnf_precompute_ref`, examples also carry their responses' reference log-probs, laid out like the
 labels in `ref_logps` (the name of that column in the examples too). Either way the batch carries, per token, `response_index` (which response, -1 for padding) and, per
@@ -74,6 +74,11 @@ class ResponseBatchCollator:
                 rows.append(row)
         batch = self._tensors(rows, signs, pair_ids, packed)
         batch["example_ids"] = torch.as_tensor(example_ids, dtype=torch.long)
+        from ..methods.common import batch_normalizer
+
+        # The batch's n (pairs + unpaired responses) as a Python number, so that the trainer can add up an
+        # optimiser step's n without a device sync per micro-batch.
+        batch[NORMALIZER_UNITS] = float(batch_normalizer(batch["pair_ids"], len(signs)))
         if self.vocab_size is not None:
             ids = batch["input_ids"]
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
@@ -149,16 +154,17 @@ class ResponseBatchCollator:
         return batch
 
 
+NORMALIZER_UNITS = "normalizer_units"
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def varlen_boundaries(segments: list[int]) -> dict[str, Any]:
-    """A packed batch's sequences as flash-attention's varlen arguments, over the batch's rows flattened.
+    """A packed batch's sequences as varlen attention arguments, over the batch's rows flattened into one.
 
-    transformers derives them from `position_ids` only for a batch of one row; with several rows (packing
-    with `multipack_real_batches`, micro-batch > 1) its flash-attention path would otherwise attend across
-    the responses of a row. The lengths are known here, on the CPU: no device sync in the forward. The
-    maximum length is a Python int, as flash-attention takes it.
+    Under a varlen kernel (flash-attention, xformers) the model is run on the rows as one row with these
+    boundaries (`model_io.forward_hidden`): from `position_ids` transformers derives them for one row only, and
+    it would need a device sync to do so. The lengths are known here, on the CPU. The maximum length is a
+    Python int, as flash-attention takes it.
     """
     cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
     cu[1:] = torch.as_tensor(segments, dtype=torch.int32).cumsum(0)

@@ -14,7 +14,9 @@ processes. What it changes, and why each is needed:
 - `ACCELERATE_TORCH_DEVICE=cpu`: the state's device, so that accelerate never calls `torch.cuda.set_device`.
 - `ParallelismConfig.build_device_mesh`: Axolotl asks for a "cuda" device mesh; it is built on "cpu".
 - The plugin's CPU multi-process check (`processes.is_cpu_multiprocess_launch`) answers as on a GPU
-  machine, where it is False: otherwise the plugin forms accelerate's CPU (DDP) state itself.
+  machine, where it is False: otherwise the plugin forms accelerate's CPU (DDP) state itself. Axolotl's
+  CUDA peer-to-peer probe, which that path answers (`compat.answer_cuda_peer_query_without_gpus`; a CUDA build
+  of torch without a driver raises), is answered here instead.
 - DeepSpeed's accelerator is its CPU one (it is chosen so on a machine without GPUs); its `comm` is
   initialised by accelerate with the gloo backend chosen above.
 """
@@ -53,8 +55,10 @@ if os.environ.get("BNF_ENGINES_ON_CPU") == "1":
     _parallelism.ParallelismConfig.build_device_mesh = lambda self, device_type: _build_device_mesh(self, "cpu")
 
     import axolotl_bnf_plugin.processes as _processes
+    from axolotl_bnf_plugin.compat import answer_cuda_peer_query_without_gpus
 
     _processes.is_cpu_multiprocess_launch = lambda: False
+    answer_cuda_peer_query_without_gpus()  # what the plugin's CPU launch path does, skipped with it just above
 
     if os.environ.get("BNF_ENGINES_REPORT"):
         # Print what accelerate prepared (how many parameters FSDP2 or ZeRO-3 shards), for the test to check.
