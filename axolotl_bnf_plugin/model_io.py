@@ -128,7 +128,10 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 def local_bytes(param: torch.Tensor) -> int:
     """Bytes of `param` this process holds: its shard under FSDP2 (a DTensor) or ZeRO-3 (`ds_tensor`)."""
-    local = param.ds_tensor if hasattr(param, "ds_tensor") else param.to_local() if hasattr(param, "to_local") else param
+    if hasattr(param, "ds_tensor"):
+        local = param.ds_tensor
+    else:
+        local = param.to_local() if hasattr(param, "to_local") else param
     return local.numel() * local.element_size()
 
 

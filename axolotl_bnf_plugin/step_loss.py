@@ -84,7 +84,8 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
                                     normalizer=normalizer)
         loss = with_rule_gradient(loss, logp, response_rows(batch, rule_grad)[1])
     if ref_logp is not None:
-        metrics.merge(shift_metrics(logp, ref_logp, mask, batch["sign"], compute_dtype=compute_dtype(model, logp.device)))
+        metrics.merge(shift_metrics(logp, ref_logp, mask, batch["sign"],
+                                    compute_dtype=compute_dtype(model, logp.device)))
     if aux_coef is not None:
         loss = _add_router_aux(loss, metrics, aux[0], aux_coef, batch, normalizer)
     return loss, metrics
