@@ -63,3 +63,14 @@ class PlotOnTrainEnd(TrainerCallback):
             get_logger(__name__).info("plots: %s", ", ".join(str(p) for p in paths))
         except Exception as err:  # noqa: BLE001 - see the docstring
             get_logger(__name__).warning("could not write the plots: %s", err)
+
+
+class OnTrainBegin(TrainerCallback):
+    """Run `action(state)` when training begins: after the engine has prepared the model (and a resumed run has
+    loaded its checkpoint), before the first step and the first evaluation."""
+
+    def __init__(self, action):
+        self.action = action
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.action(state)

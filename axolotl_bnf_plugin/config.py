@@ -123,44 +123,15 @@ def _check_raw_config(cfg: dict, method: str) -> None:
     _check_model_head(cfg, method)
 
 
-def _scores_shift_baseline(cfg: dict, method: str) -> bool:
-    """Whether ASFT's shift metrics will score data with the initial policy before training: the training set
-    (`asft_shift_on_train`) or an eval set."""
-    scores_data = cfg.get("asft_shift_on_train") or cfg.get("val_set_size") or cfg.get("test_datasets")
-    return method == "asft" and cfg.get("bnf_shift_metrics", True) and bool(scores_data)
-
-
 def _check_fsdp(cfg: dict, method: str) -> None:
-    """What FSDP cannot serve: FSDP1, and scoring the data with a policy whose weights are not loaded yet.
-
-    The fused op gathers the output embedding through FSDP2's own unit; FSDP1's flat parameters cannot be
-    gathered that way. With `cpu_ram_efficient_loading` only the first process loads the weights (the others
-    hold empty `meta` tensors until the engine shards and broadcasts them), and the passes that score the data
-    once with the initial policy run before that.
-    """
+    """FSDP1 cannot be served: the fused op gathers the output embedding through FSDP2's own unit; FSDP1's flat
+    parameters cannot be gathered that way."""
     fsdp_config = cfg.get("fsdp_config") or {}
     version = cfg.get("fsdp_version") or (fsdp_config.get("fsdp_version") if isinstance(fsdp_config, dict) else None)
     if str(version or 1) != "2":
         raise PluginConfigError(
             f"rl: {method} under FSDP needs FSDP2: set fsdp_version: 2 (this config runs FSDP1, fsdp_version: "
             f"{version!r}), whose sharded output embedding the fused log-prob op can gather"
-        )
-    lazy = isinstance(fsdp_config, dict) and (fsdp_config.get("cpu_ram_efficient_loading")
-                                              or fsdp_config.get("fsdp_cpu_ram_efficient_loading"))
-    if not lazy:
-        return
-    where = "with fsdp_config.cpu_ram_efficient_loading: true"
-    if cfg.get("bnf_precompute_ref") and method == "bnf":
-        raise PluginConfigError(
-            f"bnf_precompute_ref cannot be used {where}: it scores the data with the initial policy before FSDP2 "
-            "shards it, when only the first process holds its weights; remove bnf_precompute_ref (the "
-            "reference is then a frozen copy sharded like the policy) or cpu_ram_efficient_loading"
-        )
-    if _scores_shift_baseline(cfg, method):
-        raise PluginConfigError(
-            f"rl: asft's shift metrics {where} need the initial policy to score the data before FSDP2 shards "
-            "it, when only the first process holds its weights; set bnf_shift_metrics: false, or remove "
-            "cpu_ram_efficient_loading"
         )
 
 
@@ -193,35 +164,15 @@ def _check_model_head(cfg: dict, method: str) -> None:
 
 
 def _check_zero3(cfg: dict, method: str) -> None:
-    """What cannot run under ZeRO-3: anything that needs the policy's weights before DeepSpeed's engine exists.
-
-    The model is loaded partitioned, so it can neither be copied (BNF's frozen reference under full
-    fine-tuning) nor run before the engine's hooks gather its layers (scoring the data once at the start:
-    `bnf_precompute_ref`, and ASFT's shift-metric baseline). BNF with an adapter needs neither: its reference
-    is the policy with the adapter disabled, scored during training.
-    """
-    where = f"under DeepSpeed ZeRO-3 ('deepspeed': {cfg.get('deepspeed')!r})"
-    if cfg.get("bnf_precompute_ref"):
+    """What cannot run under ZeRO-3: a frozen copy of an adapter of the partitioned policy (BNF continuing
+    `lora_model_dir`). BNF's frozen reference under full fine-tuning is built partitioned
+    (`zero3_reference`), and the passes that score the data once run after the engine is built."""
+    if method == "bnf" and cfg.get("lora_model_dir") and not cfg.get("bnf_precompute_ref"):
         raise PluginConfigError(
-            f"bnf_precompute_ref cannot be used {where}: it scores the data with the policy before DeepSpeed's "
-            "engine exists, and ZeRO-3 loads the policy partitioned; remove it and train an adapter (the "
-            "reference is then the policy with its adapter disabled)"
-        )
-    if method == "bnf" and not cfg.get("adapter"):
-        raise PluginConfigError(
-            f"rl: bnf with full fine-tuning {where} has no reference: the partitioned policy cannot be copied; "
-            "train an adapter (adapter: lora), whose disabled policy is the reference"
-        )
-    if _scores_shift_baseline(cfg, method):
-        raise PluginConfigError(
-            f"rl: asft's shift metrics {where} need the initial policy to score the data before DeepSpeed's "
-            "engine exists, and ZeRO-3 loads the policy partitioned; set bnf_shift_metrics: false"
-        )
-    if method == "bnf" and cfg.get("lora_model_dir"):
-        raise PluginConfigError(
-            f"rl: bnf continuing an adapter (lora_model_dir: {cfg.get('lora_model_dir')!r}) {where}: the reference "
-            "is the starting policy, base model + that adapter, whose frozen copy cannot be made from a "
-            "partitioned model; use ZeRO-2 or FSDP2"
+            f"rl: bnf continuing an adapter (lora_model_dir: {cfg.get('lora_model_dir')!r}) under DeepSpeed ZeRO-3 "
+            f"('deepspeed': {cfg.get('deepspeed')!r}): the reference is the starting policy, base model + that "
+            "adapter, whose frozen copy is not made on a partitioned model; set bnf_precompute_ref: true (the data "
+            "is scored once by the starting policy), or use ZeRO-2 or FSDP2"
         )
 
 

@@ -84,12 +84,18 @@ class FrozenCopy:
 
     description = "a frozen copy of the initial policy"
 
-    def __init__(self, model, shard=None, weights_on_meta: bool = False):
+    def __init__(self, model, shard=None, weights_on_meta: bool = False, make_copy=None):
         # `weights_on_meta`: the copy's parameters are empty `meta` tensors (a process whose weights `shard`
-        # receives from another); its buffers are copied.
-        memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
-                for p in model.parameters()} if weights_on_meta else {}
-        self.model = copy.deepcopy(model, memo).eval()
+        # receives from another); its buffers are copied. `make_copy(model)`: how to copy a model that
+        # `deepcopy` cannot (ZeRO-3's partitioned policy: `zero3_reference.partitioned_copy`).
+        if make_copy is not None:
+            self.model = make_copy(model)
+            self.description += ", partitioned by ZeRO-3 like the policy"
+        else:
+            memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                    for p in model.parameters()} if weights_on_meta else {}
+            self.model = copy.deepcopy(model, memo)
+        self.model.eval()
         self.model.requires_grad_(False)
         self._shard = shard
         if shard is not None:
@@ -165,12 +171,12 @@ def _save_only(peft_model, adapter: str) -> None:
     peft_model.save_pretrained = save_pretrained
 
 
-def live_reference(model, shard=None, weights_on_meta: bool = False):
-    """BNF's reference for `model` as it is now (call before the first update). `shard`, `weights_on_meta`:
-    see `FrozenCopy`."""
+def live_reference(model, shard=None, weights_on_meta: bool = False, make_copy=None):
+    """BNF's reference for `model` as it is now (call before the first update). `shard`, `weights_on_meta`,
+    `make_copy`: see `FrozenCopy`."""
     peft_model = unwrap_peft(model)
     if not hasattr(peft_model, "disable_adapter"):
-        reference = FrozenCopy(model, shard=shard, weights_on_meta=weights_on_meta)
+        reference = FrozenCopy(model, shard=shard, weights_on_meta=weights_on_meta, make_copy=make_copy)
     elif adapter_is_identity(peft_model):
         reference = DisabledAdapter(model)
     else:

@@ -185,13 +185,8 @@ class StepGuard:
 class StepGuardCallback(TrainerCallback):
     """Ends the guard's step after every optimiser step, including those a loss scaler skipped."""
 
-    def __init__(self, guard: StepGuard, on_train_begin=None):
+    def __init__(self, guard: StepGuard):
         self.guard = guard
-        self._on_train_begin = on_train_begin
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self._on_train_begin is not None:
-            self._on_train_begin()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.guard.end_step()

@@ -21,6 +21,7 @@ from .kernels import raise_pending, resolve_impl
 from .methods import batch_normalizer
 from .metric_sums import MetricSums
 from .model_io import head_shape, local_bytes, router_aux_coef, unwrap
+from .callbacks import OnTrainBegin
 from .numerics import StepGuard, StepGuardCallback
 from .processes import launched_processes
 from .reference import with_reference_logps
@@ -84,16 +85,19 @@ class BNFTrainer(AxolotlTrainer):
         # A loss scaler (fp16 on an accelerator) skips steps with non-finite gradients itself; fp16 on the CPU
         # has none, so there the guard checks them.
         self.guard = StepGuard(self.plugin_config.bnf_max_bad_steps, check_gradients=self.accelerator.scaler is None)
-        self.add_callback(StepGuardCallback(self.guard, on_train_begin=self._guard_deepspeed_step))
+        self.add_callback(StepGuardCallback(self.guard))
+        self.add_callback(OnTrainBegin(self._on_train_begin))
         if not self.is_deepspeed_enabled:  # DeepSpeed's norm comes after its step, too late for the guard
             self.accelerator.clip_grad_norm_ = self._note_clipped_norm(self.accelerator.clip_grad_norm_)
         self.reference = None
+        self.initial_scores, self._unscored = None, []  # the initial policy's scores (`attach_reference_logps`)
         self.precomputed_reference = self.method.needs_ref_logps and self.plugin_config.bnf_precompute_ref
         if self.method.needs_ref_logps and not self.precomputed_reference:
             fsdp = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
             self.reference = live_reference(
                 self.model, shard=self._shard_like_policy if fsdp is not None else None,
-                weights_on_meta=bool(fsdp and fsdp.cpu_ram_efficient_loading and not self.accelerator.is_main_process))
+                weights_on_meta=bool(fsdp and fsdp.cpu_ram_efficient_loading and not self.accelerator.is_main_process),
+                make_copy=self._partitioned_copy if self._zero3() else None)
         self.displacement = DisplacementMonitor(self.plugin_config.bnf_displacement_patience)
         self.phase_memory = PhaseMemory(self.args.device)
         self._preflight = self._preflight_bytes()
@@ -141,6 +145,19 @@ class BNFTrainer(AxolotlTrainer):
                  "policy: %.1f MiB)", *mib)
         return sharded
 
+    def _zero3(self) -> bool:
+        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+    def _partitioned_copy(self, policy: torch.nn.Module) -> torch.nn.Module:
+        """ZeRO-3: BNF's frozen reference partitioned like the policy (see `zero3_reference`)."""
+        from .zero3_reference import partitioned_copy
+
+        frozen = partitioned_copy(unwrap(policy), self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        mib = [sum(local_bytes(p) for p in m.parameters()) / 2**20 for m in (frozen, self.model)]
+        LOG.info("BNF reference: partitioned by ZeRO-3 like the policy; this process holds %.1f MiB of it (of the "
+                 "policy: %.1f MiB)", *mib)
+        return frozen
+
     def _reference_mode(self) -> str:
         if not self.method.needs_ref_logps:
             return "none"
@@ -169,31 +186,90 @@ class BNFTrainer(AxolotlTrainer):
                          device_type=device.type, hidden_size=hidden if weight.requires_grad else 0)
 
     def attach_reference_logps(self, cache_dir) -> None:
-        """Score the data once with the initial policy, split across all processes.
+        """Score the data once with the initial policy, split across all processes, and hand the scores to the
+        batch collators (looked up by example id).
 
         `bnf_precompute_ref` (a method that needs the log-probs): train and eval (the loss needs them
         everywhere). A reference-free method's shift baseline: the eval set by default, the training set too
         only with `asft_shift_on_train` (one forward pass over the training data, about a third of an epoch's
         compute, before step 1).
+
+        The cache keys are taken now, from the weights as loaded. Scores found in the cache are attached now;
+        the others are scored now where every process holds the policy's weights, and otherwise (ZeRO-3 loads
+        the policy partitioned; FSDP2's `cpu_ram_efficient_loading` loads it on the first process only) once
+        the engine has prepared the model, at the start of training, before the first step and the first
+        evaluation.
         """
         baseline = not self.method.needs_ref_logps
-        train = self.precomputed_reference or (baseline and self.plugin_config.asft_shift_on_train)
-        evaluate = self.precomputed_reference or (baseline and self.plugin_config.bnf_shift_metrics)
+        splits = []
+        if self.precomputed_reference or (baseline and self.plugin_config.asft_shift_on_train):
+            splits.append(("train", self.train_dataset))
+        if self.precomputed_reference or (baseline and self.plugin_config.bnf_shift_metrics):
+            evaluation = self.eval_dataset
+            named = evaluation.items() if isinstance(evaluation, dict) else [("", evaluation)]
+            splits += [(f"eval/{k}" if k else "eval", v) for k, v in named if v is not None]
+        if not splits:
+            return
+        self.initial_scores = reference.ScoresByExample()
+        for collator in (self.data_collator, getattr(self, "eval_data_collator", None)):
+            if isinstance(collator, ResponseBatchCollator):
+                collator.initial_scores = self.initial_scores
+        self._scoring_cache_dir = cache_dir
+        keys = self._on_every_process(lambda: [reference.cache_key(data, self.model) for _, data in splits])
+        device = self.args.device
+        self._unscored = []
+        for (split, data), key in zip(splits, keys):
+            scores = reference.cached_scores(cache_dir, key, device, split)
+            if scores is None:
+                self._unscored.append((split, data, key))
+            else:
+                self.initial_scores.add(self._example_ids(data, split), scores)
+        if self._unscored and self._weights_whole_before_prepare():
+            self._score_unscored()
+        elif self._unscored:
+            LOG.info("initial-policy log-probs (%s): scored once the engine has prepared the model (its weights "
+                     "are not whole on every process before)", ", ".join(split for split, _, _ in self._unscored))
+
+    def _weights_whole_before_prepare(self) -> bool:
+        """False where the policy's weights are not whole on every process until the engine has prepared it."""
+        if self._zero3():
+            return False
+        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        return not (plugin is not None and plugin.cpu_ram_efficient_loading)
+
+    def _score_unscored(self, resumed: bool = False) -> None:
+        """Score what `attach_reference_logps` found in no cache (all processes), cache it, hand it over."""
+        unscored, self._unscored = self._unscored, []
+        if not unscored:
+            return
+        if resumed:
+            raise RuntimeError(
+                f"the initial policy's log-probs of {', '.join(split for split, _, _ in unscored)} are not in the cache "
+                f"({self._scoring_cache_dir}), and this run resumes from a checkpoint, so the model is no longer the "
+                "initial policy that must score them: start the run from step 0 once (it writes the cache), or keep "
+                "the cache (dataset_prepared_path) of the run that wrote the checkpoint"
+            )
         collator = ResponseBatchCollator(self.processing_class, vocab_size=self.vocab_size)
-        options = dict(batch_size=self.args.per_device_eval_batch_size, device=self.args.device, cache_dir=cache_dir,
-                       chunk_size=self.settings.chunk_size, impl=self.settings.impl)
         with self.compute_loss_context_manager():
-            if train:
-                self.train_dataset = with_reference_logps(self.train_dataset, self.model, collator, split="train",
-                                                          **options)
-            if not evaluate:
-                return
-            if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {k: with_reference_logps(v, self.model, collator, split=f"eval/{k}", **options)
-                                     for k, v in self.eval_dataset.items()}
-            elif self.eval_dataset is not None:
-                self.eval_dataset = with_reference_logps(self.eval_dataset, self.model, collator, split="eval",
-                                                         **options)
+            for split, data, key in unscored:
+                scores = reference.score_and_cache(
+                    data, self.model, collator, self.args.per_device_eval_batch_size, self.args.device,
+                    self._scoring_cache_dir, key, self.settings.chunk_size, self.settings.impl, split)
+                self.initial_scores.add(self._example_ids(data, split), scores)
+
+    @staticmethod
+    def _example_ids(data, split: str):
+        if "example_id" not in data.column_names:
+            raise ValueError(f"the {split} data has no example_id column: it was not prepared by the plugin's loader")
+        return data.with_format("numpy")["example_id"]
+
+    def _on_every_process(self, compute):
+        """`compute()` on the main process, its result on every process (the others may hold `meta` weights)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return compute()
+        result = [compute() if self.accelerator.is_main_process else None]
+        torch.distributed.broadcast_object_list(result, src=0)
+        return result[0]
 
     # ----------------------------------------------------------------------------------- sample packing
     def _packing_sampler(self, dataset, shuffle: bool):
@@ -260,6 +336,12 @@ class BNFTrainer(AxolotlTrainer):
             self.guard.wrap(optimizer, lambda: [p.grad for p in self.model.parameters() if p.grad is not None],
                             distributed_any=self._any_process)
         return optimizer
+
+    def _on_train_begin(self, state) -> None:
+        """Once the engine has prepared the model: the DeepSpeed step guard, and the scoring passes that needed
+        the prepared model."""
+        self._guard_deepspeed_step()
+        self._score_unscored(resumed=state.global_step > 0)
 
     def _guard_deepspeed_step(self) -> None:
         """Under DeepSpeed the engine steps inside accelerate's `backward`, through its ZeRO optimiser, which

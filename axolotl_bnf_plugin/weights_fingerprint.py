@@ -67,7 +67,8 @@ def model_fingerprint(base_model: torch.nn.Module) -> str:
     if not files:
         digest.update(_in_memory_sample(base_model).encode())
     for name, param in base_model.named_parameters():
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}".encode())
+        shape = tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition's full shape
+        digest.update(f"{name}|{shape}|{param.dtype}".encode())
     return digest.hexdigest()
 
 

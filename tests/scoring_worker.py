@@ -1,6 +1,6 @@
 """Run by `test_initial_policy.py` under `torchrun --nproc_per_node 2` (gloo, CPU): the initial policy's
 log-probs of a data set, scored with the pass split across the two processes. Writes every rank's result
-to argv[1] as [{"rank": r, "logps": ...}, ...]."""
+and how many forwards it ran to argv[1] as [{"rank": r, "logps": ..., "forwards": n}, ...]."""
 from __future__ import annotations
 
 import json
@@ -22,9 +22,11 @@ def main(out: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(assets + "/model")
     model = AutoModelForCausalLM.from_pretrained(assets + "/model").float()
     dataset = Dataset.from_json(os.environ["BNF_EXAMPLES"])
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
     logps = initial_policy_logps(model, dataset, ResponseBatchCollator(tokenizer), batch_size=3, device="cpu")
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {"rank": rank, "logps": logps})
+    dist.all_gather_object(gathered, {"rank": rank, "logps": logps, "forwards": len(forwards)})
     if rank == 0:
         with open(out, "w", encoding="utf-8") as f:
             json.dump(gathered, f)

@@ -102,52 +102,44 @@ def test_options_that_cannot_apply_are_rejected(key, value, fix):
     translate_raw_config({"rl": "asft", key: False if value is True else None})  # off: fine
 
 
-def test_zero3_refuses_what_needs_the_policy_before_the_engine(tmp_path):
-    """The stage is read from the file, an inline dict, or (unreadable file) the name."""
+def test_zero3_refuses_only_a_copy_of_a_continued_adapter(tmp_path):
+    """The stage is read from the file, an inline dict, or (unreadable file) the name. BNF full fine-tuning (a
+    partitioned frozen copy) and what scores the data once (after the engine is built) are served."""
     from axolotl_bnf_plugin.config import PluginConfigError
 
     stage3 = tmp_path / "ds.json"
     stage3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     for value in (str(stage3), {"zero_optimization": {"stage": 3}}, "deepspeed_configs/zero3_bf16.json"):
-        with pytest.raises(PluginConfigError, match="full fine-tuning under DeepSpeed ZeRO-3.*adapter: lora"):
-            translate_raw_config({"rl": "bnf", "deepspeed": value})
-        with pytest.raises(PluginConfigError, match="bnf_precompute_ref cannot be used under DeepSpeed ZeRO-3"):
-            translate_raw_config({"rl": "bnf", "deepspeed": value, "adapter": "lora", "bnf_precompute_ref": True})
-        for scored in ({"val_set_size": 0.1}, {"test_datasets": [{"path": "x"}]}, {"asft_shift_on_train": True}):
-            with pytest.raises(PluginConfigError, match="set bnf_shift_metrics: false"):
-                translate_raw_config({"rl": "asft", "deepspeed": value, **scored})
-        translate_raw_config({"rl": "asft", "deepspeed": value})  # no eval set: the default scores nothing
-        with pytest.raises(PluginConfigError, match="lora_model_dir.*starting policy"):
+        with pytest.raises(PluginConfigError, match="lora_model_dir.*ZeRO-3.*starting policy.*bnf_precompute_ref"):
             translate_raw_config({"rl": "bnf", "deepspeed": value, "adapter": "lora", "lora_model_dir": "sft"})
-        translate_raw_config({"rl": "bnf", "deepspeed": value, "adapter": "lora"})
-        translate_raw_config({"rl": "asft", "deepspeed": value, "bnf_shift_metrics": False})
+        translate_raw_config({"rl": "bnf", "deepspeed": value, "adapter": "lora", "lora_model_dir": "sft",
+                              "bnf_precompute_ref": True})
+        translate_raw_config({"rl": "asft", "deepspeed": value, "adapter": "lora", "lora_model_dir": "sft"})
+        for keys in ({}, {"bnf_precompute_ref": True}, {"adapter": "lora"}):
+            translate_raw_config({"rl": "bnf", "deepspeed": value, **keys})
+        for scored in ({"val_set_size": 0.1}, {"test_datasets": [{"path": "x"}]}, {"asft_shift_on_train": True}):
+            translate_raw_config({"rl": "asft", "deepspeed": value, **scored})
     stage2 = tmp_path / "zero3_named_but_stage2.json"
     stage2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    translate_raw_config({"rl": "bnf", "deepspeed": str(stage2), "bnf_precompute_ref": True})
-    translate_raw_config({"rl": "asft", "deepspeed": {"zero_optimization": {"stage": 1}}})
+    translate_raw_config({"rl": "bnf", "deepspeed": str(stage2), "adapter": "lora", "lora_model_dir": "sft"})
 
 
-def test_fsdp_refuses_fsdp1_and_scoring_before_a_lazy_load():
-    """FSDP1 for any method; with cpu_ram_efficient_loading, the passes that score the data with the initial
-    policy before FSDP2 broadcasts its weights. A live BNF reference (sharded at its first pass) is served."""
+def test_fsdp_refuses_fsdp1_only():
+    """FSDP1 for any method. With cpu_ram_efficient_loading the passes that score the data once run after FSDP2
+    has broadcast the weights, and a live BNF reference is sharded at its first pass: all served."""
     from axolotl_bnf_plugin.config import PluginConfigError
 
     fsdp2 = {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}}
+    lazy = {"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}}
     for method in ("bnf", "asft"):
         for fsdp1 in ({"fsdp_config": {"reshard_after_forward": True}}, {"fsdp": ["full_shard"], "fsdp_version": 1}):
             with pytest.raises(PluginConfigError, match=f"rl: {method} under FSDP needs FSDP2: set fsdp_version: 2"):
                 translate_raw_config({"rl": method, **fsdp1})
         translate_raw_config({"rl": method, **fsdp2})
+        translate_raw_config({"rl": method, **lazy})
     translate_raw_config({"rl": "bnf", "fsdp_config": {"fsdp_version": 2}})  # the version inside fsdp_config
-    lazy = {"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}}
-    with pytest.raises(PluginConfigError, match="bnf_precompute_ref cannot be used with fsdp_config.cpu_ram_eff"):
-        translate_raw_config({"rl": "bnf", **lazy, "bnf_precompute_ref": True})
-    translate_raw_config({"rl": "bnf", **lazy})
-    translate_raw_config({"rl": "bnf", **fsdp2, "bnf_precompute_ref": True})
-    with pytest.raises(PluginConfigError, match="set bnf_shift_metrics: false, or remove cpu_ram_efficient"):
-        translate_raw_config({"rl": "asft", **lazy, "val_set_size": 0.1})
-    translate_raw_config({"rl": "asft", **lazy, "val_set_size": 0.1, "bnf_shift_metrics": False})
-    translate_raw_config({"rl": "asft", **lazy})
+    translate_raw_config({"rl": "bnf", **lazy, "bnf_precompute_ref": True})
+    translate_raw_config({"rl": "asft", **lazy, "val_set_size": 0.1})
 
 
 def test_bad_config_fails_in_load_cfg_before_any_model(tiny_assets, tmp_path):

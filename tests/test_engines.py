@@ -123,15 +123,41 @@ def test_fsdp2_with_cpu_ram_efficient_loading(tiny_assets, tmp_path, tmp_path_fa
         assert_reference_sharded(tmp_path / "fsdp2")
 
 
-@pytest.mark.parametrize("method,adapter", [("bnf", True), ("asft", False), ("asft", True)],
-                         ids=["bnf-lora", "asft-full", "asft-lora"])
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("method", ["bnf", "asft"])
 def test_zero3_follows_the_single_process_trajectory(tiny_assets, tmp_path, tmp_path_factory, method, adapter):
     """DeepSpeed ZeRO-3 with Axolotl's zero3.json, through accelerate's DeepSpeed plugin: same losses, metrics and
-    final weights as one process."""
+    final weights as one process. BNF's frozen reference (full fine-tuning) is partitioned like the policy."""
     single = single_process_run(tiny_assets, tmp_path_factory, method, adapter)
     sharded = train(tiny_assets, tmp_path / "zero3", method, 2, micro_batch_size=2, **zero3(tmp_path),
                     **(LORA_KEYS if adapter else {}))
     assert_sharded(tmp_path / "zero3", "zero3")
+    assert_same_run(single, sharded)
+    if method == "bnf" and not adapter:
+        assert_reference_sharded(tmp_path / "zero3")
+
+
+_scored_single_runs: dict = {}
+
+
+@pytest.mark.parametrize("engine", ["fsdp2-lazy", "zero3"])
+@pytest.mark.parametrize("method", ["bnf", "asft"])
+def test_data_scored_once_after_the_engine_prepared_the_model(tiny_assets, tmp_path, tmp_path_factory, method, engine):
+    """ZeRO-3 loads the policy partitioned, and FSDP2's cpu_ram_efficient_loading on the first process only: the
+    passes that score the data once with the initial policy (BNF's precomputed reference, here with full
+    fine-tuning; ASFT's shift baseline on the training set) run once the engine has prepared the model, every
+    process taking part in every forward, and the run follows the 1-process one (losses, rewards, shifts)."""
+    scoring = {"bnf_precompute_ref": True} if method == "bnf" else {"asft_shift_on_train": True}
+    if method not in _scored_single_runs:
+        out = tmp_path_factory.mktemp(f"single-scored-{method}")
+        _scored_single_runs[method] = train(tiny_assets, out, method, 1, micro_batch_size=4, **scoring)
+    single = _scored_single_runs[method]
+    assert all(r.get("shift/chosen") is not None for r in single[0]), "the 1-process run logged no shift"
+    lazy = {"fsdp_version": 2, "fsdp_config": {**FSDP2["fsdp_config"], "cpu_ram_efficient_loading": True}}
+    keys = lazy if engine == "fsdp2-lazy" else zero3(tmp_path)
+    sharded = train(tiny_assets, tmp_path / engine, method, 2, micro_batch_size=2, **keys, **scoring)
+    assert_sharded(tmp_path / engine, engine.split("-")[0])
+    assert "scored once the engine has prepared the model" in (tmp_path / engine / "launch.log").read_text()
     assert_same_run(single, sharded)
 
 

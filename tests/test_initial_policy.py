@@ -181,7 +181,8 @@ def test_continuing_an_sft_adapter_starts_with_zero_rewards_and_shifts(tiny_asse
 
 def test_scoring_pass_is_split_across_processes(tiny, tiny_assets, tmp_path):
     """2 processes, 13 examples in batches of 3 (blocks of 3 and 2 batches): every rank ends with all the
-    scores, identical across ranks and equal to one process scoring everything."""
+    scores, identical across ranks and equal to one process scoring everything. Both run 3 forwards (the
+    short block repeats a batch): under FSDP2 / ZeRO-3 every forward gathers layers on all processes."""
     from datasets import Dataset
 
     from axolotl_bnf_plugin.data.collator import ResponseBatchCollator
@@ -195,6 +196,7 @@ def test_scoring_pass_is_split_across_processes(tiny, tiny_assets, tmp_path):
                                      BNF_TINY_ASSETS=str(tiny_assets), BNF_EXAMPLES=str(data))
     single = initial_policy_logps(model, Dataset.from_json(str(data)), ResponseBatchCollator(tokenizer), 3, "cpu")
     assert [r["rank"] for r in records] == [0, 1]
+    assert [r["forwards"] for r in records] == [3, 3]
     assert records[0]["logps"] == records[1]["logps"]
     got = records[0]["logps"]
     assert [[len(r) for r in e] for e in got] == [[len(r) for r in e] for e in single]

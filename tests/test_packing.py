@@ -136,7 +136,7 @@ def test_precomputed_reference_equals_live_reference(setup, packed):
 
     from datasets import Dataset
 
-    from axolotl_bnf_plugin.reference import REF_COLUMN, with_reference_logps
+    from axolotl_bnf_plugin.reference import REF_COLUMN, ScoresByExample, initial_policy_scores, with_reference_logps
 
     tokenizer, examples, model, _ = setup
     model.config._attn_implementation = "sdpa"
@@ -155,6 +155,16 @@ def test_precomputed_reference_equals_live_reference(setup, packed):
     batch_pre = collate([rows[:2], rows[2:]] if packed else rows)
     batch_live = collate([examples[:2], examples[2:]] if packed else examples)
     assert "ref_logps" in batch_pre and "ref_logps" not in batch_live
+    # The trainer's route: the scores handed to the collator, looked up by example id (ids in another order
+    # than the data's, as a shuffled split has them), give the same batch.
+    ids = [10, 3, 7, 0, 5, 1, 2, 4, 6, 8][: len(examples)]
+    lookup = ScoresByExample()
+    lookup.add(ids, initial_policy_scores(model, dataset, collate, batch_size=2, device="cpu"))
+    by_id = ResponseBatchCollator(tokenizer, initial_scores=lookup)
+    with_ids = [{**e, "example_id": i} for e, i in zip(examples, ids)]
+    looked_up = by_id([with_ids[:2], with_ids[2:]] if packed else with_ids)
+    torch.testing.assert_close(looked_up["ref_logps"], batch_pre["ref_logps"], rtol=0, atol=0)
+    assert lookup(99) is None and "ref_logps" not in by_id([{**examples[0], "example_id": 99}])
     settings = LossSettings("bnf")
     loss_pre, metrics_pre, grads_pre = _run(policy, None, batch_pre, settings)
     loss_live, metrics_live, grads_live = _run(policy, frozen, batch_live, settings)

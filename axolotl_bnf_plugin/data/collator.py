@@ -7,8 +7,9 @@ given then: the model's attention keeps the responses apart from the position id
 block-diagonal causal mask from them) and, under varlen kernels such as flash-attention, from the batch's
 sequence boundaries (`cu_seq_lens_q/k`, `max_length_q/k`, see `varlen_boundaries`).
 
-With `bnf_precompute_ref`, examples also carry their responses' reference log-probs, laid out like the
-labels in `ref_logps` (the name of that column in the examples too). Either way the batch carries, per token, `response_index` (which response, -1 for padding) and, per
+With `bnf_precompute_ref` (and ASFT's shift baseline), the batch also carries the responses' reference
+log-probs, laid out like the labels in `ref_logps`: from the examples' own `ref_logps` column, or looked up by
+example id in the scores the trainer hands the collator (`initial_scores`). Either way the batch carries, per token, `response_index` (which response, -1 for padding) and, per
 response, its `sign` (+1 / -1) and `pair_ids` (a pair's two responses share an id unique in the batch;
 -1 = unpaired). Labels are -100 on prompt and padding tokens and on the first token of every response
 (which has no predecessor inside its own sequence), so packed and unpacked batches score exactly the
@@ -39,6 +40,9 @@ class ResponseBatchCollator:
     # without a range check of its own (on CUDA an out-of-range id is an out-of-bounds read), so every id
     # is checked here, on the CPU, where the failing example can still be named.
     vocab_size: int | None = None
+    # The initial policy's scores looked up by example id (`reference.ScoresByExample`, set by the trainer
+    # once they are scored), for examples that carry no `ref_logps` of their own.
+    initial_scores: Any = None
 
     def __post_init__(self, padding):
         if self.return_tensors != "pt":
@@ -60,7 +64,10 @@ class ResponseBatchCollator:
                 pair_id = example_number if example["is_pair"] else -1
                 example_number += 1
                 example_ids.append(int(example.get("example_id", -1)))
-                refs = example.get(REF_LOGPS) or [None] * len(example["response_sign"])
+                refs = example.get(REF_LOGPS)
+                if refs is None and self.initial_scores is not None:
+                    refs = self.initial_scores(example_ids[-1])
+                refs = refs if refs is not None else [None] * len(example["response_sign"])
                 for ids, plen, sign, ref in zip(example["response_input_ids"], example["response_prompt_len"],
                                                 example["response_sign"], refs):
                     segment = (list(ids), int(plen), len(signs), ref)
