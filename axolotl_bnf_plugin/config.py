@@ -165,8 +165,17 @@ def _check_model_head(cfg: dict, method: str) -> None:
 
 def _check_zero3(cfg: dict, method: str) -> None:
     """What cannot run under ZeRO-3: a frozen copy of an adapter of the partitioned policy (BNF continuing
-    `lora_model_dir`). BNF's frozen reference under full fine-tuning is built partitioned
+    `lora_model_dir`), and a frozen copy of a policy swapped to NVMe. BNF's frozen reference under full fine-tuning is built partitioned
     (`zero3_reference`), and the passes that score the data once run after the engine is built."""
+    offload = ((_deepspeed_config(cfg.get("deepspeed")) or {}).get("zero_optimization") or {}).get("offload_param")
+    if (method == "bnf" and not cfg.get("adapter") and not cfg.get("bnf_precompute_ref")
+            and isinstance(offload, dict) and str(offload.get("device", "")).lower() == "nvme"):
+        raise PluginConfigError(
+            f"rl: bnf with full fine-tuning under DeepSpeed ZeRO-3 with offload_param.device: nvme ('deepspeed': "
+            f"{cfg.get('deepspeed')!r}): the frozen reference would be a second partitioned model swapped to the "
+            "same NVMe folder as the policy; set bnf_precompute_ref: true (no reference model held), offload "
+            "the parameters to the CPU instead, or train an adapter"
+        )
     if method == "bnf" and cfg.get("lora_model_dir") and not cfg.get("bnf_precompute_ref"):
         raise PluginConfigError(
             f"rl: bnf continuing an adapter (lora_model_dir: {cfg.get('lora_model_dir')!r}) under DeepSpeed ZeRO-3 "

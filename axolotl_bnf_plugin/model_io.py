@@ -195,6 +195,42 @@ def _whole_output_weight(base, head: torch.nn.Module, top: torch.nn.Module | Non
     return weight, gathered
 
 
+@contextlib.contextmanager
+def resharded_after_each_forward(model):
+    """FSDP2: every unit resharded after its forward, whatever its `reshard_after_forward`, for no-grad passes
+    (nothing changes for a model without FSDP2 units).
+
+    A unit that keeps its weights gathered after its forward is resharded by its backward; a pass without a
+    backward (scoring the data once with the initial policy) would leave every layer gathered: a whole replica
+    of the model on each process.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    handles = [module.register_forward_hook(lambda unit, *_: unit.reshard())
+               for module in model.modules() if isinstance(module, FSDPModule)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def keep_head_gathered_through_backward(model) -> torch.nn.Module | None:
+    """FSDP2: the unit that holds the output embedding stays gathered from its forward to its backward.
+
+    accelerate's FSDP2 prepare (and Axolotl's) passes `reshard_after_forward=True` to every `fully_shard`, the
+    root's included (torch keeps a root gathered by default, as its backward comes right after). The root
+    holds the output embedding, which the fused op needs right after the forward: resharded, it would be
+    gathered again for the op, a second all-gather of the root's weights per forward. Returns the unit changed,
+    or None (no FSDP2 unit holds the head).
+    """
+    head = unwrap(model).get_output_embeddings()
+    unit = _fsdp_unit_of(model, head) if head is not None and _is_dtensor(head.weight) else None
+    if unit is not None:
+        unit.set_reshard_after_forward(False, recurse=False)
+    return unit
+
+
 def output_head(model) -> OutputHead:
     """The output head as the fused op needs it, gathered in full (see `_whole_output_weight`)."""
     base = unwrap(model)
@@ -317,13 +353,49 @@ def _router_aux_loss(model, outputs, batch: dict[str, torch.Tensor]) -> torch.Te
     return aux.float()
 
 
-def forward_hidden(model, batch: dict[str, torch.Tensor], router_aux: bool = False):
+class _AttributeDict(dict):
+    """A parameter dict that takes attributes: DeepSpeed's engine marks every submodule's `_parameters` (its
+    `ZeROOrderedDict`) as in forward, through an attribute, at each forward."""
+
+
+class _NoHead(torch.nn.Module):
+    """Stands in for the output embedding during a forward whose logits are not used: an empty `[..., 0]`."""
+
+    def __init__(self):
+        super().__init__()
+        self._parameters = _AttributeDict()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[..., :0]
+
+
+@contextlib.contextmanager
+def _head_not_called(model):
+    """The model's forward without its own output-embedding call (its logits come back empty).
+
+    Where the head is loaded for each call (ZeRO-3 gathers it from every process, accelerate's hook loads an
+    offloaded one), the model's own `logits_to_keep=1` call would load it a second time per forward, next to
+    the fused op's call.
+    """
+    base = unwrap(model)
+    head = base.get_output_embeddings()
+    parent, name = next((module, child_name) for module in base.modules()
+                        for child_name, child in module.named_children() if child is head)
+    setattr(parent, name, _NoHead())
+    try:
+        yield
+    finally:
+        setattr(parent, name, head)
+
+
+def forward_hidden(model, batch: dict[str, torch.Tensor], router_aux: bool = False, own_head: bool = True):
     """(final hidden states [R, L, H], the model's own logits at the last position or None).
 
     With `router_aux` (the policy's forward), a third item: the router load-balancing loss (fp32 scalar) when
     the model's config sets `output_router_logits`, else None. A model whose config sets the flag is told
     `output_router_logits=False` in every other forward, so that no router logits are recorded there; without
-    the flag the model is called exactly as before.
+    the flag the model is called exactly as before. Without `own_head` the model's own output-embedding call is
+    skipped (`_head_not_called`) and the logits item is None.
     """
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     rows = batch["input_ids"].shape[0]
@@ -338,12 +410,13 @@ def forward_hidden(model, batch: dict[str, torch.Tensor], router_aux: bool = Fal
     want_aux = router_aux and _router_logits_on(model)
     if _router_logits_on(model):
         kwargs["output_router_logits"] = want_aux
-    with capture_final_hidden(model) as captured:
+    with capture_final_hidden(model) as captured, \
+            contextlib.nullcontext() if own_head else _head_not_called(model):
         outputs = model(**kwargs, logits_to_keep=1, use_cache=False, return_dict=True)
     if len(captured) != 1:
         raise RuntimeError(f"expected one decoder forward, saw {len(captured)}")
     hidden = captured[0].view(rows, -1, captured[0].shape[-1]) if varlen else captured[0]
-    last_logits = getattr(outputs, "logits", None)
+    last_logits = getattr(outputs, "logits", None) if own_head else None
     if not router_aux:
         return hidden, last_logits
     return hidden, last_logits, _router_aux_loss(model, outputs, batch) if want_aux else None
@@ -374,7 +447,12 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
     item after the mask: each position's log-partition log Z `[R, L]` (0 where unscored), so the label logit
     is `logp + log Z` (`kernels.token_logprobs(return_lse=True)`), from the same chunks, no extra pass.
     """
-    hidden, last_logits, *aux = forward_hidden(model, batch, router_aux=router_aux)
+    head_module = unwrap(model).get_output_embeddings()
+    # A head loaded for each call of its module (ZeRO-3, an offloaded head) is loaded once per forward: in the
+    # op's call (`_score_inside_head_call`), not also in the model's own (needed only to check the head).
+    in_head_call = hasattr(head_module.weight, "ds_id") or hasattr(head_module, "_hf_hook")
+    hidden, last_logits, *aux = forward_hidden(model, batch, router_aux=router_aux,
+                                               own_head=check_head or not in_head_call)
     rows, length, width = hidden.shape
     labels = batch["labels"]
     targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
@@ -406,8 +484,7 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
         finally:
             head.release()
 
-    head_module = unwrap(model).get_output_embeddings()
-    if hasattr(head_module.weight, "ds_id") or hasattr(head_module, "_hf_hook"):
+    if in_head_call:
         logp, neg_entropy, *extra = _score_inside_head_call(head_module, score, hidden.reshape(-1, width))
     else:
         logp, neg_entropy, *extra = score(hidden.reshape(-1, width))

@@ -15,16 +15,16 @@ from axolotl.utils.logging import get_logger
 
 from . import initial_policy, numerics, reference
 from .args import plugin_settings
+from .callbacks import OnTrainBegin
 from .data.collator import NORMALIZER_UNITS, REF_LOGPS, ResponseBatchCollator, leading_examples
 from .initial_policy import DisabledAdapter, live_reference  # noqa: F401 (DisabledAdapter: public)
 from .kernels import raise_pending, resolve_impl
 from .methods import batch_normalizer
 from .metric_sums import MetricSums
-from .model_io import head_shape, local_bytes, router_aux_coef, unwrap
-from .callbacks import OnTrainBegin
+from .model_io import (head_shape, keep_head_gathered_through_backward, local_bytes, resharded_after_each_forward,
+                       router_aux_coef, unwrap)
 from .numerics import StepGuard, StepGuardCallback
 from .processes import launched_processes
-from .reference import with_reference_logps
 from .step_loss import LossSettings, batch_loss
 from .telemetry import DisplacementMonitor, PhaseMemory, method_card, preflight, preflight_text
 
@@ -250,7 +250,7 @@ class BNFTrainer(AxolotlTrainer):
                 "the cache (dataset_prepared_path) of the run that wrote the checkpoint"
             )
         collator = ResponseBatchCollator(self.processing_class, vocab_size=self.vocab_size)
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager(), resharded_after_each_forward(self.model):
             for split, data, key in unscored:
                 scores = reference.score_and_cache(
                     data, self.model, collator, self.args.per_device_eval_batch_size, self.args.device,
@@ -264,12 +264,21 @@ class BNFTrainer(AxolotlTrainer):
         return data.with_format("numpy")["example_id"]
 
     def _on_every_process(self, compute):
-        """`compute()` on the main process, its result on every process (the others may hold `meta` weights)."""
+        """`compute()` on the main process, its result on every process (the others may hold `meta` weights).
+        An error on the main process is raised on every process, rather than leaving them waiting for it."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return compute()
-        result = [compute() if self.accelerator.is_main_process else None]
+        result = [None]
+        if self.accelerator.is_main_process:
+            try:
+                result = [(compute(), None)]
+            except Exception as error:  # noqa: BLE001 - re-raised below, on every process
+                result = [(None, error)]
         torch.distributed.broadcast_object_list(result, src=0)
-        return result[0]
+        value, error = result[0]
+        if error is not None:
+            raise RuntimeError(f"on the main process: {error}") from error
+        return value
 
     # ----------------------------------------------------------------------------------- sample packing
     def _packing_sampler(self, dataset, shuffle: bool):
@@ -341,6 +350,9 @@ class BNFTrainer(AxolotlTrainer):
         """Once the engine has prepared the model: the DeepSpeed step guard, and the scoring passes that needed
         the prepared model."""
         self._guard_deepspeed_step()
+        if self.is_fsdp_enabled and keep_head_gathered_through_backward(self.model) is not None:
+            LOG.info("FSDP2: the unit holding the output embedding stays gathered from its forward to its backward "
+                     "(gathered once per forward, for the model and the fused op)")
         self._score_unscored(resumed=state.global_step > 0)
 
     def _guard_deepspeed_step(self) -> None:

@@ -67,8 +67,11 @@ def model_fingerprint(base_model: torch.nn.Module) -> str:
     if not files:
         digest.update(_in_memory_sample(base_model).encode())
     for name, param in base_model.named_parameters():
-        shape = tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition's full shape
-        digest.update(f"{name}|{shape}|{param.dtype}".encode())
+        # A ZeRO-3 partition's full shape, and the dtype of what is stored (ZeRO-3 keeps its partitions in the
+        # run's precision whatever `param.dtype` says; elsewhere an fp32-upcast module computes in fp32).
+        shape = tuple(getattr(param, "ds_shape", param.shape))
+        dtype = getattr(param, "ds_tensor", param).dtype
+        digest.update(f"{name}|{shape}|{dtype}".encode())
     return digest.hexdigest()
 
 

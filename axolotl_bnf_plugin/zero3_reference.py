@@ -42,7 +42,9 @@ def partitioned_copy(policy: torch.nn.Module, ds_config: dict) -> torch.nn.Modul
     import deepspeed
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    dtype = next(policy.parameters()).dtype
+    # The partitions' dtype: Axolotl upcasts some modules to fp32 after loading, which changes only the
+    # empty `param.data` of a partition; the engine casts the whole model to the run's precision.
+    dtype = next(policy.parameters()).ds_tensor.dtype
     text_config = policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
     hidden = max(getattr(text_config, "hidden_sizes", None) or [text_config.hidden_size])
     config = reference_config(ds_config, hidden)
@@ -68,9 +70,27 @@ def partitioned_copy(policy: torch.nn.Module, ds_config: dict) -> torch.nn.Modul
     buffers = dict(frozen.named_buffers())
     for name, buffer in policy.named_buffers():
         buffers[name].copy_(buffer)
+    _copy_module_settings(policy, frozen)
     frozen.requires_grad_(False)
     # Copied before the engine exists: the engine keeps small parameters gathered after their first fetch.
     engine, *_ = deepspeed.initialize(model=frozen, config=config)
     engine.eval()
     object.__setattr__(frozen, "_deepspeed_engine", engine)  # kept alive with the copy, not as a submodule
     return frozen
+
+
+def _copy_module_settings(policy: torch.nn.Module, frozen: torch.nn.Module) -> None:
+    """What the policy's modules hold outside parameters and buffers and may have changed after they were built
+    from the config: plain settings (e.g. a rotary embedding's `original_max_seq_len`, fixed at load time, before
+    Axolotl raised the config's `max_position_embeddings` to the run's sequence length) and ZeRO-3's leaf-module
+    flags (a mixture-of-experts block gathered whole, so that every process gathers the same parameters)."""
+    theirs = dict(policy.named_modules())
+    for name, module in frozen.named_modules():
+        source = theirs.get(name)
+        if source is None:
+            continue
+        for key, value in vars(source).items():
+            settable = (not key.startswith(("_", "ds_")) or key == "_z3_leaf") and key not in ("training", "id")
+            if settable and isinstance(value, (bool, int, float, str)) and (not hasattr(module, key) or
+                                                                            getattr(module, key) != value):
+                setattr(module, key, value)

@@ -122,6 +122,16 @@ def test_zero3_refuses_only_a_copy_of_a_continued_adapter(tmp_path):
     stage2 = tmp_path / "zero3_named_but_stage2.json"
     stage2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     translate_raw_config({"rl": "bnf", "deepspeed": str(stage2), "adapter": "lora", "lora_model_dir": "sft"})
+    # Parameters swapped to NVMe: a second partitioned model would share the policy's swap folder.
+    for device, refused in (("nvme", True), ("cpu", False)):
+        offloaded = {"zero_optimization": {"stage": 3, "offload_param": {"device": device, "nvme_path": "/nvme"}}}
+        for keys in ({"bnf_precompute_ref": True}, {"adapter": "lora"}):
+            translate_raw_config({"rl": "bnf", "deepspeed": offloaded, **keys})
+        if refused:
+            with pytest.raises(PluginConfigError, match="offload_param.device: nvme.*bnf_precompute_ref: true"):
+                translate_raw_config({"rl": "bnf", "deepspeed": offloaded})
+        else:
+            translate_raw_config({"rl": "bnf", "deepspeed": offloaded})
 
 
 def test_fsdp_refuses_fsdp1_only():

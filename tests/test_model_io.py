@@ -125,6 +125,42 @@ def test_no_full_logits_are_computed():
     assert seen == [torch.Size([3, 1, 97])]
 
 
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "gemma2-softcap", "cohere-scale", "phi-bias"])
+def test_a_head_loaded_per_call_is_called_once_per_forward(arch):
+    """A head that its module's call loads (accelerate's hook on an offloaded head, as ZeRO-3's pre-forward hook
+    gathers one) is called once per forward, by the fused op, not also by the model for its last-position
+    logits; the head check (first step) still uses the model's own logits. Values and gradients are those of
+    the plain model."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class CountingLoad(ModelHook):
+        def __init__(self):
+            self.loads = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.loads += 1
+            return args, kwargs
+
+    model, batch = _model(arch).float(), _batch()
+    ref_logp, _, _ = _naive(model, batch)
+    hook = CountingLoad()
+    add_hook_to_module(model.get_output_embeddings(), hook)
+    logp, _, _ = response_token_logps(model, batch, chunk_size=5)
+    assert hook.loads == 1
+    torch.testing.assert_close(logp[:, :-1], ref_logp, atol=2e-5, rtol=1e-5)
+    weights = torch.randn_like(ref_logp)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((logp[:, :-1] * weights).sum(), params, allow_unused=True)
+    ref_grads = torch.autograd.grad((_naive(model, batch)[0] * weights).sum(), params, allow_unused=True)
+    for g, r in zip(grads, ref_grads):
+        if r is not None:
+            torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-3)
+    before = hook.loads
+    response_token_logps(model, batch, chunk_size=5, check_head=True)
+    assert hook.loads == before + 2
+    assert model.get_output_embeddings()._hf_hook is hook  # the head is back in place, hook and all
+
+
 def test_partitioned_output_embedding_is_refused_not_sliced():
     """A weight that is not the whole `[V, H]` head (a ZeRO-3 partition outside its module's call) must
     never be scored as if it were."""

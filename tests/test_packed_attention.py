@@ -7,6 +7,8 @@ mask from the position ids) and with transformers' flash-attention path as it se
 `_flash_attention_forward`, with flash-attention's two kernels replaced by exact PyTorch equivalents (no
 flash-attn build runs on a CPU). With more than one row, that path only separates the responses when the batch
 hands it `cu_seq_lens_q/k` and `max_length_q/k`: from position ids alone it derives them for one row only.
+Axolotl's `sdpa_varlen` patch derives them from the position ids of all rows flattened, which the collator's
+layout (every row, and its padding, starting at position 0) makes equal to the batch's own.
 """
 from __future__ import annotations
 
@@ -77,13 +79,28 @@ def _response_logps(model, batch):
     return [dense[r][mask[r]] for r in range(mask.shape[0])]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "flash_attention_2"])
+@pytest.fixture
+def axolotl_sdpa_varlen():
+    """Axolotl's `sdpa_varlen` patch (on by default for sdpa + sample packing on CUDA), applied as Axolotl applies
+    it: the registered `sdpa` attention and mask replaced. On CUDA it runs `varlen_attn` with boundaries derived
+    from the position ids of all rows flattened; elsewhere it rebuilds the block-diagonal mask from them."""
+    patch = pytest.importorskip("axolotl.monkeypatch.attention.sdpa_varlen")
+    if not patch.patch_sdpa_varlen():
+        pytest.skip("this torch has no varlen_attn: Axolotl does not apply the patch")
+    yield patch
+    patch.unpatch_sdpa_varlen()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flash_attention_2", "axolotl_sdpa_varlen"])
 def test_packed_responses_never_attend_to_each_other(setup, attention, request):  # noqa: F811
     tokenizer, examples, policy, _ = setup
     collate = ResponseBatchCollator(tokenizer)
     alone = _response_logps(policy, collate(examples))  # one response per row, padded, with its mask
     kernels = request.getfixturevalue("flash_attention_on_cpu") if attention == "flash_attention_2" else None
-    policy.config._attn_implementation = attention
+    if attention == "axolotl_sdpa_varlen":
+        request.getfixturevalue("axolotl_sdpa_varlen")
+        from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    policy.config._attn_implementation = "sdpa" if attention == "axolotl_sdpa_varlen" else attention
     try:
         lengths = sorted(sum(len(ids) for ids in e["response_input_ids"]) for e in examples)
         multi_row = 0
@@ -92,6 +109,10 @@ def test_packed_responses_never_attend_to_each_other(setup, attention, request):
                 for features in _sampler_batches(examples, capacity, bins_per_batch):
                     batch = collate(features)
                     multi_row += batch["input_ids"].shape[0] > 1
+                    if attention == "axolotl_sdpa_varlen":  # the boundaries its CUDA path derives: the batch's
+                        (cu_q, _), (max_q, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+                        assert torch.equal(cu_q.int(), batch["cu_seq_lens_q"].int())
+                        assert int(max_q) == batch["max_length_q"]
                     packed = _response_logps(policy, batch)
                     numbers = batch["response_index"].unique()
                     # The batch's responses are numbered in packing order; find each one's own number.
