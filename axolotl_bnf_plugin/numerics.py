@@ -185,8 +185,15 @@ class StepGuard:
 class StepGuardCallback(TrainerCallback):
     """Ends the guard's step after every optimiser step, including those a loss scaler skipped."""
 
-    def __init__(self, guard: StepGuard):
+    def __init__(self, guard: StepGuard, on_step_decided=None):
         self.guard = guard
+        # `on_step_decided(skipped)`: told, before the Trainer's learning-rate step, whether the guard skipped
+        # this optimiser step (the Trainer advances the schedule only for a step accelerate reports taken).
+        self._on_step_decided = on_step_decided
+        self._skipped_before = 0
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.guard.end_step()
+        skipped, self._skipped_before = self.guard.skipped > self._skipped_before, self.guard.skipped
+        if self._on_step_decided is not None:
+            self._on_step_decided(skipped)

@@ -85,7 +85,7 @@ class BNFTrainer(AxolotlTrainer):
         # A loss scaler (fp16 on an accelerator) skips steps with non-finite gradients itself; fp16 on the CPU
         # has none, so there the guard checks them.
         self.guard = StepGuard(self.plugin_config.bnf_max_bad_steps, check_gradients=self.accelerator.scaler is None)
-        self.add_callback(StepGuardCallback(self.guard))
+        self.add_callback(StepGuardCallback(self.guard, on_step_decided=self._report_skipped_step))
         self.add_callback(OnTrainBegin(self._on_train_begin))
         if not self.is_deepspeed_enabled:  # DeepSpeed's norm comes after its step, too late for the guard
             self.accelerator.clip_grad_norm_ = self._note_clipped_norm(self.accelerator.clip_grad_norm_)
@@ -367,6 +367,19 @@ class BNFTrainer(AxolotlTrainer):
         self.guard.check_gradients = not self.model_wrapped.fp16_enabled()
         self.guard.wrap_zero_optimizer(zero_optimizer, distributed_any=self._any_process)
         zero_optimizer._bnf_guarded = True
+
+    def _report_skipped_step(self, skipped: bool) -> None:
+        """Tell accelerate whether the guard skipped this step, so that the Trainer does not advance the
+        learning-rate schedule for a step that did not happen (it asks `optimizer_step_was_skipped`, which
+        accelerate answers from its loss scaler only). DeepSpeed reports a step skipped through its overflow
+        path by itself."""
+        if self.is_deepspeed_enabled:
+            return
+        for optimizer in self.accelerator._optimizers:
+            if skipped:
+                optimizer._is_overflow = True
+            elif self.accelerator.scaler is None:  # without a scaler accelerate never resets it
+                optimizer._is_overflow = False
 
     def _note_clipped_norm(self, clip_grad_norm_):
         """accelerate's `clip_grad_norm_`, also handing the norm it computes to the guard, so that the guard's

@@ -182,7 +182,7 @@ def test_a_non_finite_step_is_skipped_on_every_process_and_group(tiny_assets, tm
     step, so the decision must be taken there."""
     from safetensors.torch import load_file
 
-    proc = poisoned_run(tiny_assets, tmp_path, engine, poisoned_rows=[3])
+    proc = poisoned_run(tiny_assets, tmp_path, engine, poisoned_rows=[3], lr_scheduler="linear")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     if engine != "ddp":
@@ -193,6 +193,12 @@ def test_a_non_finite_step_is_skipped_on_every_process_and_group(tiny_assets, tm
     assert len(steps) == 6
     # Exactly one step was skipped: the bad one, not also the next good one.
     assert steps[-1]["skipped_steps"] == 1
+    # The learning-rate schedule (linear decay: a new rate every step) did not advance for the skipped step: the
+    # step after it runs at the rate the skipped step would have used (each record logs the rate its step used).
+    bad = next(i for i, r in enumerate(steps) if r["skipped_steps"] == 1)
+    rates = [r["learning_rate"] for r in steps]
+    held = [i for i in range(1, 6) if rates[i] == rates[i - 1]]
+    assert held == ([bad + 1] if bad < 5 else []), (bad, rates)
     weights = load_file(str(tmp_path / "run" / "model.safetensors"))
     unk = 4
     for name, tensor in weights.items():
