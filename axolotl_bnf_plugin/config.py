@@ -164,9 +164,10 @@ def _check_model_head(cfg: dict, method: str) -> None:
 
 
 def _check_zero3(cfg: dict, method: str) -> None:
-    """What cannot run under ZeRO-3: a frozen copy of an adapter of the partitioned policy (BNF continuing
-    `lora_model_dir`), and a frozen copy of a policy swapped to NVMe. BNF's frozen reference under full fine-tuning is built partitioned
-    (`zero3_reference`), and the passes that score the data once run after the engine is built."""
+    """What cannot run under ZeRO-3: BNF's frozen reference of a policy swapped to NVMe (the copy would share the
+    policy's swap folder). Under full fine-tuning otherwise the reference is built partitioned
+    (`zero3_reference`); a continued adapter's frozen copy is made before the engine partitions the model; the
+    passes that score the data once run after the engine is built."""
     offload = ((_deepspeed_config(cfg.get("deepspeed")) or {}).get("zero_optimization") or {}).get("offload_param")
     if (method == "bnf" and not cfg.get("adapter") and not cfg.get("bnf_precompute_ref")
             and isinstance(offload, dict) and str(offload.get("device", "")).lower() == "nvme"):
@@ -175,13 +176,6 @@ def _check_zero3(cfg: dict, method: str) -> None:
             f"{cfg.get('deepspeed')!r}): the frozen reference would be a second partitioned model swapped to the "
             "same NVMe folder as the policy; set bnf_precompute_ref: true (no reference model held), offload "
             "the parameters to the CPU instead, or train an adapter"
-        )
-    if method == "bnf" and cfg.get("lora_model_dir") and not cfg.get("bnf_precompute_ref"):
-        raise PluginConfigError(
-            f"rl: bnf continuing an adapter (lora_model_dir: {cfg.get('lora_model_dir')!r}) under DeepSpeed ZeRO-3 "
-            f"('deepspeed': {cfg.get('deepspeed')!r}): the reference is the starting policy, base model + that "
-            "adapter, whose frozen copy is not made on a partitioned model; set bnf_precompute_ref: true (the data "
-            "is scored once by the starting policy), or use ZeRO-2 or FSDP2"
         )
 
 

@@ -10,6 +10,7 @@ more than its share. The copy is then prepared by DeepSpeed without an optimiser
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -51,7 +52,7 @@ def partitioned_copy(policy: torch.nn.Module, ds_config: dict) -> torch.nn.Modul
     # transformers builds a model inside zero.Init by itself while the run's ZeRO-3 config is active.
     building = torch.no_grad() if is_deepspeed_zero3_enabled() else deepspeed.zero.Init(config_dict_or_path=config,
                                                                                        dtype=dtype)
-    with building:
+    with building, _random_init_skipped():
         frozen = type(policy)._from_config(copy.deepcopy(policy.config), dtype=dtype)
     mine, theirs = dict(frozen.named_parameters()), dict(policy.named_parameters())
     if mine.keys() != theirs.keys():
@@ -77,6 +78,26 @@ def partitioned_copy(policy: torch.nn.Module, ds_config: dict) -> torch.nn.Modul
     engine.eval()
     object.__setattr__(frozen, "_deepspeed_engine", engine)  # kept alive with the copy, not as a submodule
     return frozen
+
+
+@contextlib.contextmanager
+def _random_init_skipped():
+    """transformers initialises a model built under ZeRO-3 by gathering each module, initialising it on the first
+    process and broadcasting it: a whole model's worth of collectives, for weights the copy overwrites at once."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    initialise = getattr(hf_deepspeed, "initialize_weights_zero3", None)
+    if initialise is None:
+        yield
+        return
+    hf_deepspeed.initialize_weights_zero3 = lambda model: None
+    try:
+        yield
+    finally:
+        hf_deepspeed.initialize_weights_zero3 = initialise
 
 
 def _copy_module_settings(policy: torch.nn.Module, frozen: torch.nn.Module) -> None:

@@ -48,6 +48,7 @@
 #   summary.txt         the machine (nvidia-smi; python, torch, triton, transformers, peft, pydantic, liger-kernel
 #                       versions), then each step's exit status and time
 #   gpu_tests.log       pytest tests/test_gpu_kernels.py tests/test_triton_kernel.py tests/test_device_map.py
+#                       tests/test_fsdp2_mixed_precision.py
 #   kernel_bench.jsonl  one JSON object per (shape, method), appended as each is measured
 #   kernel_bench_frozen.jsonl   the same for a frozen weight (LoRA: d hidden only), one shape
 #   kernel_bench.log    both kernel benchmarks' output (progress, tables, tracebacks of failed rows), and the
@@ -236,7 +237,8 @@ record "cuda available: $CUDA_OK"
 : >"$OUT/gpu_tests.log"
 TESTS_RC=0
 TESTS_END=$((SECONDS + TEST_TIMEOUT))
-TEST_FILES=(tests/test_gpu_kernels.py tests/test_triton_kernel.py tests/test_device_map.py)
+TEST_FILES=(tests/test_gpu_kernels.py tests/test_triton_kernel.py tests/test_device_map.py
+            tests/test_fsdp2_mixed_precision.py)
 [ "$CUDA_OK" = 1 ] || TEST_FILES+=(tests/test_confident_tokens.py)
 for test_file in "${TEST_FILES[@]}"; do
   limit=$((TESTS_END - SECONDS))

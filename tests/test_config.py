@@ -102,31 +102,26 @@ def test_options_that_cannot_apply_are_rejected(key, value, fix):
     translate_raw_config({"rl": "asft", key: False if value is True else None})  # off: fine
 
 
-def test_zero3_refuses_only_a_copy_of_a_continued_adapter(tmp_path):
+def test_zero3_refuses_only_a_reference_swapped_to_nvme(tmp_path):
     """The stage is read from the file, an inline dict, or (unreadable file) the name. BNF full fine-tuning (a
-    partitioned frozen copy) and what scores the data once (after the engine is built) are served."""
+    partitioned frozen copy), a continued adapter (its copy made before the engine partitions the model) and what
+    scores the data once (after the engine is built) are served; a frozen copy of a policy whose parameters are
+    swapped to NVMe is refused (it would share the policy's swap folder)."""
     from axolotl_bnf_plugin.config import PluginConfigError
 
     stage3 = tmp_path / "ds.json"
     stage3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     for value in (str(stage3), {"zero_optimization": {"stage": 3}}, "deepspeed_configs/zero3_bf16.json"):
-        with pytest.raises(PluginConfigError, match="lora_model_dir.*ZeRO-3.*starting policy.*bnf_precompute_ref"):
-            translate_raw_config({"rl": "bnf", "deepspeed": value, "adapter": "lora", "lora_model_dir": "sft"})
-        translate_raw_config({"rl": "bnf", "deepspeed": value, "adapter": "lora", "lora_model_dir": "sft",
-                              "bnf_precompute_ref": True})
-        translate_raw_config({"rl": "asft", "deepspeed": value, "adapter": "lora", "lora_model_dir": "sft"})
-        for keys in ({}, {"bnf_precompute_ref": True}, {"adapter": "lora"}):
+        for keys in ({}, {"bnf_precompute_ref": True}, {"adapter": "lora"},
+                     {"adapter": "lora", "lora_model_dir": "sft"}):
             translate_raw_config({"rl": "bnf", "deepspeed": value, **keys})
         for scored in ({"val_set_size": 0.1}, {"test_datasets": [{"path": "x"}]}, {"asft_shift_on_train": True}):
             translate_raw_config({"rl": "asft", "deepspeed": value, **scored})
-    stage2 = tmp_path / "zero3_named_but_stage2.json"
-    stage2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    translate_raw_config({"rl": "bnf", "deepspeed": str(stage2), "adapter": "lora", "lora_model_dir": "sft"})
-    # Parameters swapped to NVMe: a second partitioned model would share the policy's swap folder.
     for device, refused in (("nvme", True), ("cpu", False)):
         offloaded = {"zero_optimization": {"stage": 3, "offload_param": {"device": device, "nvme_path": "/nvme"}}}
         for keys in ({"bnf_precompute_ref": True}, {"adapter": "lora"}):
             translate_raw_config({"rl": "bnf", "deepspeed": offloaded, **keys})
+        translate_raw_config({"rl": "asft", "deepspeed": offloaded})
         if refused:
             with pytest.raises(PluginConfigError, match="offload_param.device: nvme.*bnf_precompute_ref: true"):
                 translate_raw_config({"rl": "bnf", "deepspeed": offloaded})

@@ -137,6 +137,20 @@ def test_zero3_follows_the_single_process_trajectory(tiny_assets, tmp_path, tmp_
         assert_reference_sharded(tmp_path / "zero3")
 
 
+def test_zero3_continuing_an_adapter_follows_the_single_process_trajectory(tiny_assets, tmp_path):
+    """BNF continuing an SFT adapter (`lora_model_dir`) under ZeRO-3: the reference is base + a frozen copy of the
+    starting adapter, made before the engine partitions the model; rewards start at 0 and the run follows the
+    1-process one."""
+    from test_initial_policy import _adapter_dir
+
+    adapter = {"lora_model_dir": str(_adapter_dir(tiny_assets, tmp_path / "sft_adapter")), **LORA_KEYS}
+    single = train(tiny_assets, tmp_path / "single", "bnf", 1, micro_batch_size=4, **adapter)
+    sharded = train(tiny_assets, tmp_path / "zero3", "bnf", 2, micro_batch_size=2, **zero3(tmp_path), **adapter)
+    assert_sharded(tmp_path / "zero3", "zero3")
+    assert abs(sharded[0][0]["rewards/margins"]) < 1e-4
+    assert_same_run(single, sharded)
+
+
 _scored_single_runs: dict = {}
 
 

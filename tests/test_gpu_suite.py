@@ -45,7 +45,7 @@ def test_gpu_suite_smoke_mode_runs_every_step(tmp_path):
     tests = [line for line in lines if line.startswith("tests ")]
     # The suite's test files, and without CUDA the confident-token regimes in Triton's interpreter as well.
     files = ["tests/test_gpu_kernels.py", "tests/test_triton_kernel.py", "tests/test_device_map.py",
-             "tests/test_confident_tokens.py"]
+             "tests/test_fsdp2_mixed_precision.py", "tests/test_confident_tokens.py"]
     assert [line.split(":")[0] for line in tests] == [f"tests {f}" for f in files], summary
     assert all(": exit 0 --" in line for line in tests), summary
     assert any(line.startswith("tests tests/test_confident_tokens.py: exit 0 --") and " passed" in line
