@@ -32,19 +32,22 @@ class OutputHead:
     weight: torch.Tensor
     bias: torch.Tensor | None
     transform: LogitTransform
-    # The FSDP2 unit `output_head` gathered to get `weight`, if any (see `_whole_output_weight`).
-    gathered_unit: torch.nn.Module | None = None
+    # The FSDP2 units that hold `weight` (and a LoRA adapter's matrices on the head), gathered for it (see
+    # `_whole_output_weight`).
+    gathered_units: tuple[torch.nn.Module, ...] = ()
 
     def release(self) -> None:
-        """Reshard a unit gathered for a no-grad pass; a gradient pass leaves that to FSDP's backward.
+        """Reshard the units gathered for a no-grad pass; a gradient pass leaves that to FSDP's backward.
 
         A unit left gathered after a no-grad pass (the reference pass of a LoRA policy, run with its adapter
-        disabled) would be gathered while PEFT re-enables the adapter, and FSDP2 then loses the adapter's
-        gradients; resharding at once also returns the memory.
+        disabled; an evaluation) would be gathered while PEFT re-enables the adapter, and FSDP2 then loses the
+        adapter's gradients; an optimiser step before the next backward would leave it holding stale weights.
+        Resharding at once also returns the memory.
         """
-        if self.gathered_unit is not None and not torch.is_grad_enabled():
-            self.gathered_unit.reshard()
-            self.gathered_unit = None
+        if self.gathered_units and not torch.is_grad_enabled():
+            for unit in self.gathered_units:
+                unit.reshard()
+            self.gathered_units = ()
 
 
 def unwrap(model, keep_peft: bool = False):
@@ -163,7 +166,7 @@ def _fsdp_unit_of(top: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Mod
 
 
 def _whole_output_weight(base, head: torch.nn.Module, top: torch.nn.Module | None = None
-                         ) -> tuple[torch.Tensor, torch.nn.Module | None]:
+                         ) -> tuple[torch.Tensor, tuple[torch.nn.Module, ...]]:
     """The whole `[V, H]` output embedding, gathered if FSDP2 holds it sharded; never a shard.
 
     Under FSDP2 the head may have been resharded after its unit's forward: always when the head (or the
@@ -172,18 +175,24 @@ def _whole_output_weight(base, head: torch.nn.Module, top: torch.nn.Module | Non
     `reshard_after_forward=True`, as accelerate's FSDP2 plugin and Axolotl do. `unshard()` of the unit that
     manages the weight (`_fsdp_unit_of`, searched from `top`, the outermost model) gathers it again, and
     FSDP's post-backward reduce-scatters its gradient and reshards it, as for any unit whose parameters were
-    used. ZeRO-3 gathers a module's parameters only
-    while that module runs, so `response_token_logps` scores inside a call of the head (see
-    `_score_inside_head_call`), where this sees the gathered weight. Anything still not `[V, H]` (FSDP1's
-    flat views, a ZeRO-3 partition outside that call) is refused, never scored as a slice of the vocabulary.
-    Returns the weight and the FSDP2 unit gathered for it (None when nothing was gathered).
+    used. Axolotl shards a LoRA adapter's matrices on the head as units of their own: those are gathered too.
+    ZeRO-3 gathers a module's parameters only while that module runs, so `response_token_logps` scores inside
+    a call of the head (see `_score_inside_head_call`), where this sees the gathered weight. Anything still not
+    `[V, H]` (FSDP1's flat views, a ZeRO-3 partition outside that call) is refused, never scored as a slice of
+    the vocabulary. Returns the weight and the FSDP2 units that hold it and the head's adapter (gathered now or
+    kept gathered since their forward), for `OutputHead.release`.
     """
-    weight, gathered = head.weight, None
-    if _is_dtensor(weight):
-        unit = _fsdp_unit_of(top if top is not None else base, head)
-        if unit is not None:
+    weight, units = head.weight, []
+    unit = _fsdp_unit_of(top if top is not None else base, head)
+    if unit is not None:
+        if _is_dtensor(weight):
             unit.unshard()
-            weight, gathered = head.weight, unit
+            weight = head.weight
+        units.append(unit)
+    for inner in head.modules():  # a LoRA layer's lora_A / lora_B sharded on their own (Axolotl's FSDP2 prepare)
+        if inner is not unit and _is_fsdp_module(inner) and any(_is_dtensor(p) for p in inner.parameters()):
+            inner.unshard()
+            units.append(inner)
     in_features = getattr(head, "in_features", None)
     if _is_dtensor(weight) or weight.dim() != 2 or (in_features is not None and weight.shape[1] != in_features):
         raise NotImplementedError(
@@ -192,7 +201,15 @@ def _whole_output_weight(base, head: torch.nn.Module, top: torch.nn.Module | Non
             "on lm_head under ZeRO-3) and the fused log-prob op needs all of it; use DDP, FSDP2 "
             "(fsdp_version: 2) or DeepSpeed ZeRO-1/2/3 with a plain lm_head"
         )
-    return weight, gathered
+    return weight, tuple(units)
+
+
+def _is_fsdp_module(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, FSDPModule)
 
 
 @contextlib.contextmanager
@@ -215,20 +232,26 @@ def resharded_after_each_forward(model):
             handle.remove()
 
 
-def keep_head_gathered_through_backward(model) -> torch.nn.Module | None:
-    """FSDP2: the unit that holds the output embedding stays gathered from its forward to its backward.
+def keep_head_gathered_through_backward(model) -> list[torch.nn.Module]:
+    """FSDP2: the root unit, and the unit that holds the output embedding, stay gathered from their forward to
+    their backward.
 
     accelerate's FSDP2 prepare (and Axolotl's) passes `reshard_after_forward=True` to every `fully_shard`, the
-    root's included (torch keeps a root gathered by default, as its backward comes right after). The root
-    holds the output embedding, which the fused op needs right after the forward: resharded, it would be
-    gathered again for the op, a second all-gather of the root's weights per forward. Returns the unit changed,
-    or None (no FSDP2 unit holds the head).
+    root's included (torch keeps a root gathered by default, as its backward comes right after). The fused op
+    needs the head right after the forward: resharded, it would be gathered a second time per forward. And the
+    loss reaches the root's own weights (the final norm) through the decoder's hidden states, not through the
+    root's outputs, where FSDP2 hooks the gathering for backward: a root resharded after its forward would be
+    differentiated through freed weights. Returns the units changed (none without FSDP2).
     """
+    root = next((m for m in model.modules() if _is_fsdp_module(m)), None)
     head = unwrap(model).get_output_embeddings()
+    units = [root] if root is not None else []
     unit = _fsdp_unit_of(model, head) if head is not None and _is_dtensor(head.weight) else None
-    if unit is not None:
+    if unit is not None and unit is not root:
+        units.append(unit)
+    for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
-    return unit
+    return units
 
 
 def output_head(model) -> OutputHead:
@@ -248,7 +271,7 @@ def output_head(model) -> OutputHead:
         bias = getattr(head.get_base_layer(), "bias", None)
     else:
         bias = getattr(head, "bias", None)
-    return OutputHead(weight=weight, bias=bias, transform=logit_transform(base.config), gathered_unit=gathered)
+    return OutputHead(weight=weight, bias=bias, transform=logit_transform(base.config), gathered_units=gathered)
 
 
 @contextlib.contextmanager
@@ -359,11 +382,20 @@ class _AttributeDict(dict):
 
 
 class _NoHead(torch.nn.Module):
-    """Stands in for the output embedding during a forward whose logits are not used: an empty `[..., 0]`."""
+    """Stands in for the output embedding during a forward whose logits are not used: an empty `[..., 0]`.
+    Reads of the head's attributes (a forward that casts to `lm_head.weight.dtype`) reach the head, whose
+    parameters are not registered here."""
 
-    def __init__(self):
+    def __init__(self, head: torch.nn.Module):
         super().__init__()
         self._parameters = _AttributeDict()
+        object.__setattr__(self, "_head", head)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_head"), name)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden[..., :0]
@@ -381,7 +413,7 @@ def _head_not_called(model):
     head = base.get_output_embeddings()
     parent, name = next((module, child_name) for module in base.modules()
                         for child_name, child in module.named_children() if child is head)
-    setattr(parent, name, _NoHead())
+    setattr(parent, name, _NoHead(head))
     try:
         yield
     finally:

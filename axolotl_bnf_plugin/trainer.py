@@ -350,9 +350,9 @@ class BNFTrainer(AxolotlTrainer):
         """Once the engine has prepared the model: the DeepSpeed step guard, and the scoring passes that needed
         the prepared model."""
         self._guard_deepspeed_step()
-        if self.is_fsdp_enabled and keep_head_gathered_through_backward(self.model) is not None:
-            LOG.info("FSDP2: the unit holding the output embedding stays gathered from its forward to its backward "
-                     "(gathered once per forward, for the model and the fused op)")
+        if self.is_fsdp_enabled and keep_head_gathered_through_backward(self.model):
+            LOG.info("FSDP2: the root unit and the unit holding the output embedding stay gathered from their "
+                     "forward to their backward (the head gathered once per forward, for the model and the fused op)")
         self._score_unscored(resumed=state.global_step > 0)
 
     def _guard_deepspeed_step(self) -> None:

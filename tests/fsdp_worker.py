@@ -22,23 +22,33 @@ from axolotl_bnf_plugin.model_io import keep_head_gathered_through_backward, res
 # "root_resharded": the head in the root unit, sharded with reshard_after_forward=True as accelerate's FSDP2
 # plugin and Axolotl pass it to every fully_shard: the head is a shard again when the loss needs it.
 # "root_kept": resharded as above, then `keep_head_gathered_through_backward` (what the trainer does after
-# accelerate's prepare): the root is gathered once per step.
+# accelerate's prepare): the root is gathered once per step. "own_unit_kept" / "tied_kept": the head in a unit of
+# its own, the root resharded after forward and then kept (the final norm's backward needs the root's weights).
+# "lora_units": Axolotl's FSDP2 prepare, which shards a LoRA layer's matrices on the head as units of their own.
 CASES = [("root", "bnf", False), ("root", "asft", False), ("own_unit", "bnf", False), ("own_unit", "asft", False),
          ("tied", "bnf", False), ("tied", "asft", False), ("own_unit", "bnf", True), ("root", "bnf", True),
          ("root_resharded", "bnf", False), ("root_resharded", "asft", False), ("root_resharded", "bnf", True),
-         ("root_kept", "bnf", False), ("root_kept", "asft", False), ("root_kept", "bnf", True)]
+         ("root_kept", "bnf", False), ("root_kept", "asft", False), ("root_kept", "bnf", True),
+         ("own_unit_kept", "bnf", False), ("own_unit_kept", "asft", False), ("tied_kept", "asft", False),
+         ("lora_units", "bnf", True), ("lora_units", "asft", True)]
 
 
 def shard(model, layout: str, mesh) -> None:
     base = unwrap(model)
+    head = base.get_output_embeddings()
     for layer in base.model.layers:
         fully_shard(layer, mesh=mesh)
-    if layout == "own_unit":
-        fully_shard(base.get_output_embeddings(), mesh=mesh)
-    elif layout == "tied":
-        fully_shard([base.get_input_embeddings(), base.get_output_embeddings()], mesh=mesh)
-    fully_shard(model, mesh=mesh, **({"reshard_after_forward": True} if layout.startswith("root_") else {}))
-    if layout == "root_kept":
+    if layout.startswith("own_unit"):
+        fully_shard(head, mesh=mesh)
+    elif layout.startswith("tied"):
+        fully_shard([base.get_input_embeddings(), head], mesh=mesh)
+    elif layout == "lora_units":
+        for name in head.active_adapters:
+            fully_shard(head.lora_A[name], mesh=mesh)
+            fully_shard(head.lora_B[name], mesh=mesh)
+    kept = layout.endswith("_kept") or layout == "lora_units"
+    fully_shard(model, mesh=mesh, **({"reshard_after_forward": True} if layout.startswith("root_") or kept else {}))
+    if kept:
         keep_head_gathered_through_backward(model)
 
 

@@ -62,7 +62,7 @@ def test_a_bf16_mixed_precision_step_equals_the_bf16_model(setup, one_process_gr
     for layer in sharded.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy_mp, reshard_after_forward=True)
     fully_shard(sharded, mesh=mesh, mp_policy=policy_mp, reshard_after_forward=True)
-    assert keep_head_gathered_through_backward(sharded) is sharded  # the root holds the head
+    assert keep_head_gathered_through_backward(sharded) == [sharded]  # the root holds the head
     for _ in range(2):  # the second step gathers the head again after FSDP2's backward resharded it
         loss, grads = _step(sharded, frozen, batch, method)
         torch.testing.assert_close(loss, expected_loss, rtol=2e-2, atol=2e-3)

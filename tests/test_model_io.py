@@ -155,6 +155,12 @@ def test_a_head_loaded_per_call_is_called_once_per_forward(arch):
     for g, r in zip(grads, ref_grads):
         if r is not None:
             torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-3)
+    from axolotl_bnf_plugin.model_io import _head_not_called
+
+    head = model.get_output_embeddings()
+    with _head_not_called(model):  # a forward that reads the head's attributes (Mamba casts to its dtype)
+        assert model.get_output_embeddings() is not head
+        assert model.get_output_embeddings().weight is head.weight and not list(model.lm_head.parameters())
     before = hook.loads
     response_token_logps(model, batch, chunk_size=5, check_head=True)
     assert hook.loads == before + 2

@@ -24,6 +24,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
+from ..model_io import resharded_after_each_forward
 from .probe import PROBE_BASELINE_FILE, PROBE_EXAMPLES_FILE, PROBE_LOG_FILE, ProbeScores, probe_metrics, score_probe
 
 
@@ -53,9 +54,10 @@ class LikelihoodProbe(TrainerCallback):
 
     def _score(self, args, model) -> ProbeScores:
         began = time.perf_counter()
-        scores = score_probe(model, self.examples, self.collator, args.per_device_eval_batch_size, args.device,
-                             chunk_size=self.cfg.get("bnf_loss_chunk_size"),
-                             impl=self.cfg.get("bnf_kernel_impl") or "auto")
+        with resharded_after_each_forward(model):  # no backward follows to reshard an FSDP2 unit kept gathered
+            scores = score_probe(model, self.examples, self.collator, args.per_device_eval_batch_size, args.device,
+                                 chunk_size=self.cfg.get("bnf_loss_chunk_size"),
+                                 impl=self.cfg.get("bnf_kernel_impl") or "auto")
         self.probe_seconds += time.perf_counter() - began
         return scores
 
