@@ -105,13 +105,14 @@ def test_kto_strategy_bad_rows(tokenizer, tmp_path):
     assert [e["response_sign"][0] for e in dataset] == [1 if i % 2 == 0 else -1 for i in kept]
 
 
-def test_chat_template_strategy_unknown_role_costs_one_row(tokenizer, tmp_path):
+def test_chat_template_type_unknown_role_costs_one_row(tokenizer, tmp_path):
+    """chat_template.* rows are read by the plugin with the entry's `roles`: a role outside them costs the row."""
     rows = [{"messages": [msg("user", f"{U} {i}")], "chosen": msg("assistant", f"{A_GOOD} {i}"),
              "rejected": msg("assistant", f"{A_BAD} {i}")} for i in range(8)]
     rows[5]["messages"] = [msg("critic", U)]
     entry = dataset_entry(tmp_path, rows, "parquet", "chat_template.default")
     dataset, report = _prepare_split(prep_cfg(), tokenizer, [entry], "train")
-    check_accounting(dataset, report, 8, {"chat_template.default failed (KeyError: 'critic')": [5]})
+    check_accounting(dataset, report, 8, {"unknown role 'critic'": [5]})
 
 
 STRATEGY_MODULE = '''

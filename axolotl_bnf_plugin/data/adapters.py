@@ -19,6 +19,9 @@ automatically from the columns when a data set has no `type:`):
 - sft:      positives-only rows (chat `messages` / ShareGPT `conversations`, or alpaca
             instruction / input / output): every response is preferred.
 
+Chat rows keep every message field a chat template reads (tool calls, tool results, reasoning: see
+`messages`), and a row's `tools` column (`field_tools`) travels with the candidate to the template.
+
 A row that cannot be used raises `Skip(reason)`; the loader counts reasons per data set.
 """
 from __future__ import annotations
@@ -26,15 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-Message = dict[str, str]
-
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-                "model": "assistant", "system": "system", "tool": "tool"}
+from .messages import Message, normalise_conversation, normalise_message, normalise_tools
+from .skip import Skip
 PROMPT_KEYS = ("prompt", "question", "input", "instruction")
-
-
-class Skip(Exception):
-    """This row cannot become a training example; `args[0]` is the reason counted in the report."""
 
 
 class MissingColumns(ValueError):
@@ -47,6 +44,7 @@ class Candidate:
     responses: list[tuple[str | Message, int]]
     paired: bool
     form: str = ""  # how the row was read, for the detection log
+    tools: list[dict] | None = None  # the row's tool schemas, passed to the chat template as `tools=`
 
 
 @dataclass
@@ -67,12 +65,13 @@ class Fields:
     label: str = "label"
     messages: str | None = None
     system: str = "system"
+    tools: str = "tools"
     chat_format: str = "auto"  # auto | chat | text: how plain-string prompts and responses are read
 
     @classmethod
     def from_dataset_config(cls, ds_cfg: dict[str, Any]) -> "Fields":
         kwargs = {name: ds_cfg[f"field_{name}"] for name in ("prompt", "chosen", "rejected", "completion", "label",
-                                                             "messages", "system") if ds_cfg.get(f"field_{name}")}
+                                                             "messages", "system", "tools") if ds_cfg.get(f"field_{name}")}
         chat_format = ds_cfg.get("bnf_chat_format", "auto")
         if chat_format not in ("auto", "chat", "text"):
             raise ValueError(f"bnf_chat_format must be auto, chat or text, got {chat_format!r}")
@@ -85,25 +84,6 @@ def _value(row: dict[str, Any], key: str) -> Any:
     if value is None:
         raise Skip("missing value")
     return value
-
-
-def normalise_message(message: Any) -> Message:
-    """{'role', 'content'} from the role/content or ShareGPT from/value conventions."""
-    if not isinstance(message, dict):
-        raise Skip("malformed message")
-    role = message.get("role", message.get("from"))
-    content = message.get("content", message.get("value"))
-    if not isinstance(role, str) or not isinstance(content, str):
-        raise Skip("malformed message")
-    if role.lower() not in ROLE_ALIASES:
-        raise Skip(f"unknown role {role!r}")
-    return {"role": ROLE_ALIASES[role.lower()], "content": content}
-
-
-def normalise_conversation(messages: Any) -> list[Message]:
-    if not isinstance(messages, list) or not messages:
-        raise Skip("malformed message")
-    return [normalise_message(m) for m in messages]
 
 
 def split_last_assistant(messages: list[Message]) -> tuple[list[Message], Message]:
@@ -143,8 +123,12 @@ def _prompt_from_columns(row: dict[str, Any], fields: Fields) -> tuple[str | lis
     raise Skip("missing value")
 
 
-def _response_text(response: str | Message) -> str:
-    return response if isinstance(response, str) else response["content"]
+def _tools(row: dict[str, Any], fields: Fields, chat: bool = True) -> list[dict] | None:
+    """The row's tool schemas (`field_tools`, default `tools`), for chat rows only: the template prints them."""
+    tools = normalise_tools(row.get(fields.tools))
+    if tools and not chat:
+        raise Skip("tools on a plain-text row")
+    return tools
 
 
 def _use_chat(fields: Fields, prompt_key: str, prompt: Any, responses: list[Any]) -> bool:
@@ -189,11 +173,12 @@ def convert_pairs(row: dict[str, Any], fields: Fields) -> Candidate:
         form = f"pairwise, prompt from '{key}', {shape} responses"
         if not _use_chat(fields, key, prompt, [chosen, rejected]):
             return Candidate(_as_text(prompt), [(_as_text(chosen), 1), (_as_text(rejected), -1)], True,
-                             form + " (plain text, no chat template)")
+                             form + " (plain text, no chat template)", _tools(row, fields, chat=False))
         prompt = _as_chat_prompt(prompt, row, fields)
     if fields.chat_format == "text":
         raise Skip("chat row in text mode")
-    return Candidate(prompt, [(_as_chat_response(chosen), 1), (_as_chat_response(rejected), -1)], True, form)
+    return Candidate(prompt, [(_as_chat_response(chosen), 1), (_as_chat_response(rejected), -1)], True, form,
+                     _tools(row, fields))
 
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -277,12 +262,15 @@ def convert_unpaired(row: dict[str, Any], fields: Fields) -> Candidate:
     sign = label_sign(row[fields.label])
     completion, history = _as_response(_value(row, fields.completion))
     if history is not None:
-        return Candidate(history, [(completion, sign)], False, f"unpaired, prompt from {fields.completion}[:-1]")
+        return Candidate(history, [(completion, sign)], False, f"unpaired, prompt from {fields.completion}[:-1]",
+                         _tools(row, fields))
     prompt, key = _prompt_from_columns(row, fields)
     form = f"unpaired, prompt from '{key}'"
     if not _use_chat(fields, key, prompt, [completion]):
-        return Candidate(_as_text(prompt), [(_as_text(completion), sign)], False, form + " (plain text, no chat template)")
-    return Candidate(_as_chat_prompt(prompt, row, fields), [(_as_chat_response(completion), sign)], False, form)
+        return Candidate(_as_text(prompt), [(_as_text(completion), sign)], False, form + " (plain text, no chat template)",
+                         _tools(row, fields, chat=False))
+    return Candidate(_as_chat_prompt(prompt, row, fields), [(_as_chat_response(completion), sign)], False, form,
+                     _tools(row, fields))
 
 
 def convert_sft(row: dict[str, Any], fields: Fields) -> Candidate:
@@ -291,7 +279,8 @@ def convert_sft(row: dict[str, Any], fields: Fields) -> Candidate:
         history, last = split_last_assistant(normalise_conversation(_value(row, key)))
         if not history:
             raise Skip("no prompt turn")
-        return Candidate(history, [(last, 1)], False, f"positives-only chat, prompt from {key}[:-1]")
+        return Candidate(history, [(last, 1)], False, f"positives-only chat, prompt from {key}[:-1]",
+                         _tools(row, fields))
     instruction = _value(row, "instruction")
     output = _value(row, "output")
     if not isinstance(instruction, str) or not isinstance(output, str):
@@ -352,4 +341,5 @@ def check_columns(adapter: Adapter, columns: list[str], fields: Fields) -> None:
     alternatives = adapter.required(fields)
     if not any(set(alt) <= set(columns) for alt in alternatives):
         wanted = " or ".join("/".join(alt) for alt in alternatives)
-        raise MissingColumns(f"type bnf.{adapter.name} needs columns {wanted}")
+        name = adapter.name if "." in adapter.name else f"bnf.{adapter.name}"
+        raise MissingColumns(f"type {name} needs columns {wanted}")

@@ -34,8 +34,15 @@ def render(candidate: Candidate, tokenizer, chat_template: str | None) -> list:
         return [(candidate.prompt, text, sign) for text, sign in candidate.responses]
     if not chat_template:
         raise Skip("no chat template")
-    return [(render_final_turn(tokenizer, chat_template, candidate.prompt, message), sign)
+    return [(render_final_turn(tokenizer, chat_template, candidate.prompt, message, candidate.tools), sign)
             for message, sign in candidate.responses]
+
+
+def _is_empty(response: str | dict) -> bool:
+    """A response with nothing to train: blank text, or a turn with blank content that calls no tool."""
+    if isinstance(response, str):
+        return not response.strip()
+    return not response["content"].strip() and not response.get("tool_calls")
 
 
 def candidate_example(candidate: Candidate, tokenizer, chat_template: str | None, policy: LengthPolicy) -> dict[str, Any]:
@@ -44,10 +51,11 @@ def candidate_example(candidate: Candidate, tokenizer, chat_template: str | None
         rendered = render(candidate, tokenizer, chat_template)
     except Skip as skip:
         return dropped(skip.args[0])
-    contents = [(r if isinstance(r, str) else r["content"]) for r, _ in candidate.responses]
-    if any(not c.strip() for c in contents):
+    if any(_is_empty(r) for r, _ in candidate.responses):
         return dropped("empty completion")
-    if candidate.paired and contents[0] == contents[1]:
+    # (chat responses compare as rendered: content, tool calls and reasoning, as the template writes them)
+    completions = [item[1] if len(item) == 3 else item[0].completion for item in rendered]
+    if candidate.paired and completions[0] == completions[1]:
         return dropped("chosen == rejected")
     responses, status = [], "kept"
     for item in rendered:

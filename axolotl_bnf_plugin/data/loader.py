@@ -44,6 +44,7 @@ from .axolotl_types import (
     resolve_axolotl_transform,
     strategy_name,
 )
+from .chat_template_types import chat_template_adapter
 from .examples import KEPT, STATUS, candidate_example, dropped
 from .raw_rows import is_local_json, read_json_rows
 from .tokenize import LengthPolicy
@@ -51,7 +52,7 @@ from .tokenize import LengthPolicy
 LOG = get_logger(__name__)
 
 # Bumped whenever the prepared layout or tokenization changes, so stale caches are never reused.
-PREPARED_FORMAT = "bnf-examples-v5"
+PREPARED_FORMAT = "bnf-examples-v6"
 SOURCE_ROW = "bnf_source_row"  # where a row came from, for the report (dropped before training)
 EXAMPLE_FEATURES = Features(
     {
@@ -110,6 +111,18 @@ def _chat_template(cfg, ds_cfg: dict, tokenizer) -> str | None:
     return get_chat_template_from_config(cfg, ds_cfg=ds_cfg, tokenizer=tokenizer)
 
 
+# Columns of vision-language and audio data sets (Axolotl's multimodal `images`, TRL's `image(s)`).
+MEDIA_COLUMNS = ("images", "image", "audios", "audio", "videos", "video")
+
+
+def _refuse_media_columns(columns: list[str], label: str) -> None:
+    media = [c for c in MEDIA_COLUMNS if c in columns]
+    if media:
+        raise DatasetFormatError(
+            f"{label}: column {media[0]!r}: image, audio and video preference data (vision-language models) is "
+            "not supported by rl: bnf / asft; train text rows only (drop the column, or use a data set without it)")
+
+
 SAMPLE_ROWS = 20  # rows the format is detected and described from
 
 
@@ -120,14 +133,19 @@ def candidate_function(cfg, raw_datasets: list[dict], idx: int, tokenizer, colum
     ds_cfg = raw_datasets[idx]
     fields = Fields.from_dataset_config(ds_cfg)
     ds_type = ds_cfg.get("type")
+    _refuse_media_columns(columns, label)
     try:
-        adapter = adapter_for_type(ds_type) if ds_type else detect_adapter(columns, sample_rows, fields)
+        read_by_plugin = None if fields.label in columns else chat_template_adapter(ds_type, ds_cfg)
+        if read_by_plugin is not None:
+            adapter, fields = read_by_plugin
+        else:
+            adapter = adapter_for_type(ds_type) if ds_type else detect_adapter(columns, sample_rows, fields)
         if adapter is not None:
             check_columns(adapter, columns, fields)
     except (MissingColumns, ValueError) as err:
         raise DatasetFormatError(f"{label}: {err}; the data set has columns {columns}") from None
     if adapter is not None:
-        how = f"type bnf.{adapter.name}" if ds_type else "detected"
+        how = f"type {ds_type}" if ds_type else "detected"
         return partial(adapter.convert, fields=fields), how, None
     unpaired = fields.label in columns
     transform = resolve_axolotl_transform(cfg, raw_datasets, idx, tokenizer, unpaired)

@@ -45,12 +45,13 @@ template's message as the reason.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any
 
 from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
-from .adapters import Skip
+from .messages import REASONING_FIELDS, RawArguments, tool_names
+from .skip import Skip
 
 
 @dataclass
@@ -138,23 +139,96 @@ def _common_prefix_len(a, b) -> int:
     return i
 
 
-def _content_text(message: dict[str, Any]) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return ""
+STAND_INS = ("\x01", "\x02")
 
 
-def render_final_turn(tokenizer, chat_template: str, history: list[dict], message: dict) -> ChatTurnText:
-    """Split the template's rendering of `history + [message]` into prompt and final turn (module doc).
+def _with_stand_in(message: dict, stand_in: str) -> dict:
+    """The final turn with its own text (content, reasoning, the first call's function name) replaced by a
+    one-character stand-in: where its rendering parts from the real one, the message's text begins."""
+    out = {**message, "content": stand_in}
+    for key in REASONING_FIELDS:
+        if out.get(key):
+            out[key] = stand_in
+    if out.get("tool_calls"):
+        first = out["tool_calls"][0]
+        out["tool_calls"] = [{**first, "function": {**first["function"], "name": stand_in}}] + out["tool_calls"][1:]
+    return out
 
-    Raises `Skip` for a row the template refuses or that has no clean boundary."""
+
+_TEXT_ARGUMENTS: dict[str, bool] = {}
+
+
+def _takes_text_arguments(tokenizer, chat_template: str) -> bool:
+    """Whether the template writes tool-call arguments as text it is given (DeepSeek V3 concatenates
+    them) rather than serialising a dict (`| tojson`: Llama, Mistral, Qwen, ...). Probed once per template:
+    a call with dict arguments that fails to render while the same call with JSON text renders."""
+    if chat_template not in _TEXT_ARGUMENTS:
+        call = {"type": "function", "id": "abcdefghi", "function": {"name": "probe", "arguments": {"x": 1}}}
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+
+        def renders(arguments) -> bool:
+            probe = [messages[0], {**messages[1], "tool_calls": [{**call, "function": {"name": "probe",
+                                                                                         "arguments": arguments}}]}]
+            try:
+                tokenizer.apply_chat_template(probe, tokenize=False, chat_template=chat_template)
+                return True
+            except Exception:  # noqa: BLE001 - any failure means "not in this form"
+                return False
+
+        _TEXT_ARGUMENTS[chat_template] = not renders({"x": 1}) and renders('{"x": 1}')
+    return _TEXT_ARGUMENTS[chat_template]
+
+
+def _arguments_for_template(message: dict, as_text: bool) -> dict:
+    """The message with its calls' arguments in the form the template takes: dicts, or JSON text.
+    Arguments that are not JSON can only be written by a template that takes text."""
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        arguments = call["function"]["arguments"]
+        if isinstance(arguments, RawArguments):
+            if not as_text:
+                raise Skip("tool call arguments not valid JSON")
+            arguments = str(arguments)
+        elif as_text:
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        calls.append({**call, "function": {**call["function"], "arguments": arguments}})
+    return {**message, "tool_calls": calls}
+
+
+def _check_rendered(prompt: str, completion: str, history: list[dict], message: dict, tools: list | None) -> None:
+    """Nothing of the conversation vanished in the rendering: a template that does not write tools, tool
+    calls, tool results or the final turn's reasoning would train on a conversation other than the row's."""
+    if any(name not in prompt for name in tool_names(tools)):
+        raise Skip("chat template ignores tools")
+    for turn in history:
+        if any(call["function"]["name"] not in prompt for call in turn.get("tool_calls") or []):
+            raise Skip("chat template ignores tool_calls")
+        if turn["role"] == "tool" and turn["content"].strip() not in prompt:
+            raise Skip("chat template ignores tool results")
+    if any(call["function"]["name"] not in completion for call in message.get("tool_calls") or []):
+        raise Skip("chat template ignores tool_calls")
+    for key in REASONING_FIELDS:
+        if (message.get(key) or "").strip() and message[key].strip() not in completion:
+            raise Skip(f"chat template ignores the final turn's {key}")
+
+
+def render_final_turn(tokenizer, chat_template: str, history: list[dict], message: dict,
+                      tools: list[dict] | None = None) -> ChatTurnText:
+    """Split the template's rendering of `history + [message]` (with the row's `tools`) into prompt and
+    final turn (module doc).
+
+    Raises `Skip` for a row the template refuses, renders without some of its content, or that has no
+    clean boundary."""
+    as_text = _takes_text_arguments(tokenizer, chat_template)
+    history = [_arguments_for_template(m, as_text) for m in history]
+    message = _arguments_for_template(message, as_text)
+    extra = {"tools": tools} if tools else {}
 
     def apply(messages: list[dict], generation: bool) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
-                                             chat_template=chat_template)
+                                             chat_template=chat_template, **extra)
 
     try:
         whole = apply(history + [message], False)
@@ -167,8 +241,8 @@ def render_final_turn(tokenizer, chat_template: str, history: list[dict], messag
             # there at the latest), and only after every earlier turn (rendered without a generation
             # prompt) is complete.
             boundary = _common_prefix_len(generation_prompt, whole)
-            for stand_in in ("\x01", "\x02"):
-                alt = apply(history + [{**message, "content": stand_in}], False)
+            for stand_in in STAND_INS:
+                alt = apply(history + [_with_stand_in(message, stand_in)], False)
                 boundary = min(boundary, _common_prefix_len(alt, whole))
             earlier = apply(history, False) if history else ""
             if not (whole.startswith(earlier) and boundary >= len(earlier)):
@@ -177,13 +251,19 @@ def render_final_turn(tokenizer, chat_template: str, history: list[dict], messag
         raise
     except TemplateError as err:
         raise Skip(f"chat template: {err.message or type(err).__name__}") from None
+    except (TypeError, KeyError, AttributeError) as err:  # a template indexing a field the row lacks
+        raise Skip(f"chat template: {type(err).__name__}: {err}") from None
     completion = whole[boundary:]
     eos = tokenizer.eos_token
     if eos and eos in completion:
-        return ChatTurnText(whole[:boundary], completion[: completion.rindex(eos) + len(eos)], False)
-    completion = completion.rstrip()
-    content = _content_text(message).strip()
-    return ChatTurnText(whole[:boundary], completion, bool(content) and completion.endswith(content))
+        completion = completion[: completion.rindex(eos) + len(eos)]
+        append_eos = False
+    else:
+        completion = completion.rstrip()
+        content = message["content"].strip()
+        append_eos = bool(content) and completion.endswith(content)
+    _check_rendered(whole[:boundary], completion, history, message, tools)
+    return ChatTurnText(whole[:boundary], completion, append_eos)
 
 
 def tokenize_chat_turn(tokenizer, turn: ChatTurnText) -> TokenizedResponse:
