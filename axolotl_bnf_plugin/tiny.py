@@ -46,6 +46,52 @@ def toy_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+CITIES = ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Quito", "Perth"]
+SKIES = ["sunny", "cloudy", "rainy", "windy", "snowy"]
+
+
+def _city_tool(name: str, description: str) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+AGENT_TOOLS = [_city_tool("get_weather", "Weather in a city."), _city_tool("get_time", "Local time in a city.")]
+
+
+def agent_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Tool-calling preference rows as agent data sets store them: chosen / rejected whole conversations in
+    the OpenAI message format (calls with `content: null` and arguments as JSON text, `tool` results with
+    `tool_call_id`), and the tool schemas as a JSON-text `tools` column.
+
+    Even rows end in a call: chosen calls get_weather for the asked city, rejected calls get_time, or
+    get_weather for another city. Odd rows have a call and its result in the history and answer in text,
+    with reasoning (`reasoning_content`): chosen reports the sky the tool gave, rejected another one."""
+    rng = random.Random(seed)
+
+    def calls(name: str, city: str, call_id: str) -> dict:
+        return {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {
+            "name": name, "arguments": json.dumps({"city": city})}}]}
+
+    rows = []
+    for i in range(n):
+        city, other = rng.sample(CITIES, 2)
+        ask = [{"role": "user", "content": f"What is the weather in {city}?"}]
+        call_id = f"call{i:05d}"
+        if i % 2 == 0:
+            wrong = calls("get_time", city, call_id) if rng.random() < 0.5 else calls("get_weather", other, call_id)
+            chosen, rejected = ask + [calls("get_weather", city, call_id)], ask + [wrong]
+        else:
+            sky, wrong_sky = rng.sample(SKIES, 2)
+            history = ask + [calls("get_weather", city, call_id),
+                             {"role": "tool", "tool_call_id": call_id, "name": "get_weather", "content": sky}]
+            thought = f"The tool says {city} is {sky}."
+            chosen = history + [{"role": "assistant", "content": f"It is {sky} in {city}.", "reasoning_content": thought}]
+            rejected = history + [{"role": "assistant", "content": f"It is {wrong_sky} in {city}.",
+                                   "reasoning_content": thought}]
+        rows.append({"chosen": chosen, "rejected": rejected, "tools": json.dumps(AGENT_TOOLS)})
+    return rows
+
+
 def _corpus(rows: list[dict[str, str]]) -> list[str]:
     texts = [CHATML_TEMPLATE] + [w for w in GOOD_WORDS + BAD_WORDS + TOPICS]
     for row in rows:
@@ -307,6 +353,9 @@ def build_assets(out_dir: str | Path, n_rows: int = 64, seed: int = 0, tie: bool
     with open(out / "sft_alpaca.jsonl", "w", encoding="utf-8") as f:  # positives only
         for row in rows:
             f.write(json.dumps({"instruction": row["question"], "input": "", "output": row["chosen"]}) + "\n")
+    with open(out / "agent_pairs.jsonl", "w", encoding="utf-8") as f:  # tool calls, tool results, reasoning
+        for row in agent_pairs(n_rows, seed):
+            f.write(json.dumps(row) + "\n")
     return out
 
 

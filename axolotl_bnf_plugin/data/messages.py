@@ -14,7 +14,8 @@ the shapes chat templates read:
   arguments}}` or flat `{name, arguments}` ones, written in the OpenAI shape; `arguments` given as JSON
   text are parsed (templates that need text get it back in `tokenize.render_final_turn`), and text that
   is not JSON is kept as text, flagged so a template that needs a dict drops the row;
-- `tool_call_id`, `name`, `reasoning_content`, `thinking`: passed on when set.
+- `tool_call_id`, `name`, and the reasoning fields `reasoning_content` (Qwen3, ...), `reasoning` (Gemma 4)
+  and `thinking` (gpt-oss): passed on when set.
 
 A row that cannot be rendered faithfully raises `Skip` with the reason, e.g. a tool result with no call
 before it, or an image part (vision-language data is out of scope: refused by name).
@@ -31,8 +32,8 @@ Message = dict[str, Any]
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                 "model": "assistant", "system": "system", "tool": "tool", "ipython": "tool", "function": "tool"}
 # Message fields passed to the template as they are, when set.
-PASSED_THROUGH = ("tool_call_id", "name", "reasoning_content", "thinking")
-REASONING_FIELDS = ("reasoning_content", "thinking")
+PASSED_THROUGH = ("tool_call_id", "name", "reasoning_content", "reasoning", "thinking")
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 MEDIA_PARTS = ("image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file")
 
 
