@@ -42,6 +42,13 @@ turn with the template's end of turn:
 
 A chat template that raises for a row (Gemma: "System role not supported") drops that row with the
 template's message as the reason.
+
+Agent rows: a row's `tools` are passed to every rendering (`tools=`), so they are in the prompt as the
+template writes them. Tool-call arguments reach the template in the form it takes: dicts for templates that
+serialise them (`| tojson`), JSON text for those that concatenate them (DeepSeek V3), told apart by probing
+the template once. A row the template renders without its tools, an earlier call, a tool result, a final
+call or the final turn's reasoning is dropped, naming what the template ignores: training on it would train
+on a conversation other than the row's.
 """
 from __future__ import annotations
 
