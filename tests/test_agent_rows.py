@@ -207,3 +207,98 @@ def test_reasoning_a_template_does_not_write_costs_the_row(tmp_path):
     dataset, report = _prepare_split(prep_cfg(chat_template="qwen3"), tokenizer("qwen3"), [entry], "train")
     ids, plen = dataset[0]["response_input_ids"][0], dataset[0]["response_prompt_len"][0]
     assert "It is winter." in decode(tokenizer("qwen3"), ids[plen:])
+
+
+def completion_and_prompt(tok, example, i=0):
+    ids, plen = example["response_input_ids"][i], example["response_prompt_len"][i]
+    return decode(tok, ids[plen:]), decode(tok, ids[:plen])
+
+
+def test_a_continuation_follows_the_prompt_column(tmp_path):
+    """chosen / rejected that continue the conversation (a call and its result, then the answer) come after
+    the row's prompt column, as in TRL's conversational prompt + completion; whole conversations do not."""
+    tail = [calling(call()), result()]
+    row = {"prompt": [{"role": "system", "content": "You are WeatherBot."}, {"role": "user", "content": ASK}],
+           "chosen": tail + [{"role": "assistant", "content": "Snowy."}],
+           "rejected": tail + [{"role": "assistant", "content": "Sunny."}], "tools": AGENT_TOOLS}
+    tok = tokenizer()
+    dataset, _ = _prepare_split(prep_cfg(chat_template="qwen_25"), tok, [write_jsonl(tmp_path / "c.jsonl", [row])], "train")
+    completion, prompt = completion_and_prompt(tok, dataset[0])
+    call_written = prompt.index('<tool_call>\n{"name": "get_weather"')
+    assert prompt.index("You are WeatherBot.") < prompt.index(ASK) < call_written < prompt.index("snowy")
+    assert completion == "Snowy.<|im_end|>"
+
+
+@pytest.mark.parametrize("template,family", [("llama3_2_vision", "llama3"), ("llama4", "llama4"),
+                                             ("command_a_tool_use", "command_a"), ("qwen_25", "qwen_25")])
+def test_structured_tool_results_are_kept_by_templates_that_escape_them(tmp_path, template, family):
+    """Llama 3.1+ / 4 and Command A write a result with `| tojson` (quotes and newlines escaped)."""
+    content = json.dumps({"sky": "snowy", "temp": -3}, indent=1)
+    history = [{"role": "user", "content": ASK}, calling(call()), result(content)]
+    row = pair({"role": "assistant", "content": "Snowy."}, {"role": "assistant", "content": "Sunny."}, history=history)
+    _, report = _prepare_split(prep_cfg(chat_template=template, sequence_len=16384), tokenizer(family),
+                               [write_jsonl(tmp_path / "r.jsonl", [row])], "train")
+    assert dict(report[0][1]) == {"kept": 1}
+
+
+def test_older_and_sharegpt_call_shapes_become_tool_calls(tmp_path):
+    """OpenAI's `function_call`, ShareGPT's `function_call` / `observation` turns (LLaMA-Factory, APIGen),
+    doubly encoded arguments, flat tool schemas, an empty `tools` text, and a system note between a call
+    and its result are all read; the call is written by the template in the prompt and the completion."""
+    args = json.dumps({"city": "Oslo"})
+    rows = [
+        pair({"role": "assistant", "content": "", "function_call": {"name": "get_weather", "arguments": args}},
+             calling(call(name="get_time"))),
+        {"conversations": [{"from": "human", "value": ASK},
+                           {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})},
+                           {"from": "observation", "value": "snowy"},
+                           {"from": "gpt", "value": "Snowy."}],
+         "tools": json.dumps([t["function"] for t in AGENT_TOOLS])},  # flat schemas
+        pair(calling(call(arguments=json.dumps(args))), calling(call(name="get_time")), tools=""),
+        pair({"role": "assistant", "content": "Snowy."}, {"role": "assistant", "content": "Sunny."},
+             history=[{"role": "user", "content": ASK}, calling(call()),
+                      {"role": "system", "content": "Tools may be slow."}, result()]),
+    ]
+    tok = tokenizer()
+    entries = [write_jsonl(tmp_path / f"{i}.jsonl", [row], **({"type": "bnf.sft"} if i == 1 else {}))
+               for i, row in enumerate(rows)]
+    dataset, report = _prepare_split(prep_cfg(chat_template="qwen_25"), tok, entries, "train")
+    assert [dict(entry[1]) for entry in report] == [{"kept": 1}] * 4
+    written = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    assert completion_and_prompt(tok, dataset[0])[0] == written + "<|im_end|>"
+    completion, prompt = completion_and_prompt(tok, dataset[1])
+    assert written in prompt and "<tool_response>\nsnowy" in prompt and prompt.count("Local time in a city.") == 1
+    assert completion_and_prompt(tok, dataset[2])[0] == written + "<|im_end|>"
+    assert "Tools may be slow." in completion_and_prompt(tok, dataset[3])[1]
+
+
+def test_content_beside_a_call_that_the_template_drops_costs_the_row(tmp_path):
+    """Llama 3.1+'s template writes a tool-call turn as the call alone: text beside it would vanish."""
+    row = pair({**calling(call()), "content": "Let me look that up."}, calling(call(name="get_time")))
+    entry = write_jsonl(tmp_path / "c.jsonl", [row, good_pair(0)])
+    _, report = _prepare_split(prep_cfg(chat_template="llama3_2_vision"), tokenizer("llama3"), [entry], "train")
+    assert report[0][2] == {"chat template ignores the content of a tool-call turn": [1]}
+    tok = tokenizer()
+    dataset, _ = _prepare_split(prep_cfg(chat_template="qwen_25"), tok, [entry], "train")
+    assert completion_and_prompt(tok, dataset[0])[0].startswith("Let me look that up.\n<tool_call>")
+
+
+def test_rows_through_arrow_keep_their_own_argument_and_schema_fields(tmp_path):
+    """Parquet / hub rows: Arrow gives every row the struct keys of all rows, as nulls; they are not
+    written into a row's call or schema."""
+    from datasets import Dataset
+
+    rows = [pair(calling(call(arguments={"city": "Oslo"})), calling(call(name="get_time", arguments={"city": "Oslo"}))),
+            pair(calling(call(arguments={"query": "x", "limit": 3})), calling(call(name="get_time", arguments={"q": "y"})))]
+    for r in rows:
+        r["tools"] = AGENT_TOOLS + [{"type": "function", "function": {"name": "search", "parameters": {
+            "type": "object", "properties": {"query": {"type": "string"}}}, "strict": True}}] * (r is rows[1])
+    path = tmp_path / "agent.parquet"
+    Dataset.from_list(rows).to_parquet(str(path))
+    tok = tokenizer()
+    dataset, report = _prepare_split(prep_cfg(chat_template="qwen_25"), tok,
+                                     [{"path": str(path), "ds_type": "parquet"}], "train")
+    assert dict(report[0][1]) == {"kept": 2}
+    completion, prompt = completion_and_prompt(tok, dataset[0])
+    assert completion == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'
+    assert "null" not in prompt and "strict" not in prompt

@@ -107,6 +107,19 @@ def _as_response(value: Any) -> tuple[str | Message, list[Message] | None]:
     return last, history or None
 
 
+def _after_prompt_column(history: list[Message] | None, row: dict[str, Any], fields: Fields) -> list[Message] | None:
+    """The turns before a response given as a message list: a whole conversation (from a system or user
+    turn) is its own prompt; a list that continues one (it opens with an assistant turn or a tool result,
+    TRL's conversational prompt + completion) follows the row's prompt column."""
+    if not history or history[0]["role"] not in ("assistant", "tool"):
+        return history
+    try:
+        prompt, _ = _prompt_from_columns(row, fields)
+    except Skip:
+        return history
+    return _as_chat_prompt(prompt, row, fields) + history
+
+
 def _prompt_from_columns(row: dict[str, Any], fields: Fields) -> tuple[str | list[Message], str]:
     """The prompt column (text or messages) and its name; `system` is prepended to chat prompts."""
     for key in (fields.prompt,) + tuple(k for k in PROMPT_KEYS if k != fields.prompt):
@@ -163,6 +176,8 @@ def _as_text(value: str | Message | list[Message]) -> str:
 def convert_pairs(row: dict[str, Any], fields: Fields) -> Candidate:
     chosen, chosen_history = _as_response(_value(row, fields.chosen))
     rejected, rejected_history = _as_response(_value(row, fields.rejected))
+    chosen_history = _after_prompt_column(chosen_history, row, fields)
+    rejected_history = _after_prompt_column(rejected_history, row, fields)
     if chosen_history is not None or rejected_history is not None:
         if chosen_history != rejected_history:
             raise Skip("chosen/rejected prompts differ")
@@ -261,6 +276,7 @@ def convert_unpaired(row: dict[str, Any], fields: Fields) -> Candidate:
         raise Skip("missing value")
     sign = label_sign(row[fields.label])
     completion, history = _as_response(_value(row, fields.completion))
+    history = _after_prompt_column(history, row, fields)
     if history is not None:
         return Candidate(history, [(completion, sign)], False, f"unpaired, prompt from {fields.completion}[:-1]",
                          _tools(row, fields))

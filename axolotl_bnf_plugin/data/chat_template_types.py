@@ -46,7 +46,7 @@ class MessageMapping:
         if not isinstance(raw, dict):
             raise Skip("malformed message")
         role = raw.get(self.properties["role"])
-        if role not in self.roles:
+        if not isinstance(role, str) or role not in self.roles:
             raise Skip(f"unknown role {role!r}")
         message = {"role": self.roles[role], "content": raw.get(self.properties["content"])}
         for target, source in self.properties.items():

@@ -30,7 +30,8 @@ from .skip import Skip
 Message = dict[str, Any]
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-                "model": "assistant", "system": "system", "tool": "tool", "ipython": "tool", "function": "tool"}
+                "model": "assistant", "system": "system", "tool": "tool", "ipython": "tool", "function": "tool",
+                "observation": "tool", "function_call": "assistant"}
 # Message fields passed to the template as they are, when set.
 PASSED_THROUGH = ("tool_call_id", "name", "reasoning_content", "reasoning", "thinking")
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
@@ -44,10 +45,22 @@ class RawArguments(str):
 def _json_text(value: Any, what: str) -> Any:
     if not isinstance(value, str):
         return value
+    if not value.strip():
+        return None
     try:
         return json.loads(value)
     except json.JSONDecodeError:
         raise Skip(f"{what} not valid JSON") from None
+
+
+def _without_nulls(value: Any, deep: bool) -> Any:
+    """A dict without its null-valued keys: Arrow gives every row the keys any row has (as null), so
+    hub and Parquet rows come back with other rows' argument names and schema fields."""
+    if isinstance(value, dict):
+        return {k: (_without_nulls(v, deep) if deep else v) for k, v in value.items() if v is not None}
+    if deep and isinstance(value, list):
+        return [_without_nulls(v, deep) for v in value]
+    return value
 
 
 def content_text(content: Any) -> str:
@@ -83,11 +96,15 @@ def tool_call(call: Any) -> dict[str, Any]:
         raise Skip("malformed tool call")
     if arguments is None:
         arguments = {}
-    if isinstance(arguments, str):
+    for _ in range(2):  # JSON text, or JSON text of JSON text (a doubly encoded object)
+        if not isinstance(arguments, str):
+            break
         try:
             arguments = json.loads(arguments)
         except json.JSONDecodeError:
             arguments = RawArguments(arguments)
+            break
+    arguments = _without_nulls(arguments, deep=False)
     out = {"type": "function", "function": {"name": name, "arguments": arguments}}
     if call.get("id") is not None:
         out["id"] = call["id"]
@@ -103,11 +120,18 @@ def normalise_message(message: Any) -> Message:
         raise Skip("malformed message")
     if role.lower() not in ROLE_ALIASES:
         raise Skip(f"unknown role {role!r}")
-    role = ROLE_ALIASES[role.lower()]
+    raw_content = message["content"] if "content" in message else message.get("value")
     calls = _json_text(message.get("tool_calls"), "tool_calls")
+    if calls is None and message.get("function_call") is not None:  # OpenAI's older single call
+        calls = [_json_text(message["function_call"], "function_call")]
+    if role.lower() == "function_call":  # ShareGPT (LLaMA-Factory, APIGen): the call as the turn's JSON text
+        calls, raw_content = _json_text(raw_content, "tool call"), None
+        calls = calls if isinstance(calls, list) else [calls]
+    role = ROLE_ALIASES[role.lower()]
+    if isinstance(calls, dict):
+        calls = [calls]
     if calls is not None and not isinstance(calls, list):
         raise Skip("malformed tool call")
-    raw_content = message["content"] if "content" in message else message.get("value")
     if raw_content is None and not (calls and role == "assistant"):
         raise Skip("malformed message")
     out: Message = {"role": role, "content": content_text(raw_content)}
@@ -141,8 +165,9 @@ def check_tool_turns(messages: list[Message]) -> None:
                 calls = []  # a turn whose calls, if any, are in its text
                 answered = -1
             continue
-        if message["role"] != "tool":
+        if message["role"] == "user":
             calls = None
+        if message["role"] != "tool":
             continue
         if calls is None:
             raise Skip("tool result without a preceding tool call")
@@ -168,20 +193,21 @@ def normalise_conversation(messages: Any) -> list[Message]:
 def normalise_tools(value: Any) -> list[dict] | None:
     """A row's `tools` column (a list of JSON schemas, or its JSON text) as the template's `tools=`;
     None when the row has none. A schema's `parameters` given as JSON text is parsed."""
-    tools = _json_text(value, "tools")
+    tools = _without_nulls(_json_text(value, "tools"), deep=True)
     if tools is None or tools == []:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise Skip("malformed tools")
     out = []
     for tool in tools:
-        function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        wrapped = isinstance(tool.get("function"), dict)
+        function = tool["function"] if wrapped else tool
         if not isinstance(function.get("name"), str):
             raise Skip("malformed tools")
         if isinstance(function.get("parameters"), str):
-            parsed = {**function, "parameters": _json_text(function["parameters"], "tools")}
-            tool = {**tool, "function": parsed} if function is not tool else parsed
-        out.append(tool)
+            function = {**function, "parameters": _json_text(function["parameters"], "tools")}
+        # (a flat schema, as xlam / APIGen / ToolACE store it, goes in the `{type, function}` shape templates read)
+        out.append({**tool, "function": function} if wrapped else {"type": "function", "function": function})
     return out
 
 

@@ -53,6 +53,7 @@ on a conversation other than the row's.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from jinja2.exceptions import TemplateError, TemplateSyntaxError
@@ -204,18 +205,33 @@ def _arguments_for_template(message: dict, as_text: bool) -> dict:
     return {**message, "tool_calls": calls}
 
 
+def _written(text: str, rendering: str) -> bool:
+    """`text` is in `rendering` as it is, or as a JSON string's inside (templates that write a tool's
+    result with `| tojson` escape its quotes and newlines)."""
+    text = text.strip()
+    return text in rendering or json.dumps(text, ensure_ascii=False)[1:-1] in rendering
+
+
+THINK_BLOCK = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
+
+
 def _check_rendered(prompt: str, completion: str, history: list[dict], message: dict, tools: list | None) -> None:
     """Nothing of the conversation vanished in the rendering: a template that does not write tools, tool
-    calls, tool results or the final turn's reasoning would train on a conversation other than the row's."""
+    calls, tool results, the final turn's content beside its calls, or the final turn's reasoning would
+    train on a conversation other than the row's. (A `<think>` block written inside the content follows
+    the template: DeepSeek V3 drops it, as it does at inference.)"""
     if any(name not in prompt for name in tool_names(tools)):
         raise Skip("chat template ignores tools")
     for turn in history:
         if any(call["function"]["name"] not in prompt for call in turn.get("tool_calls") or []):
             raise Skip("chat template ignores tool_calls")
-        if turn["role"] == "tool" and turn["content"].strip() not in prompt:
+        if turn["role"] == "tool" and not _written(turn["content"], prompt):
             raise Skip("chat template ignores tool results")
     if any(call["function"]["name"] not in completion for call in message.get("tool_calls") or []):
         raise Skip("chat template ignores tool_calls")
+    content = THINK_BLOCK.sub("", message["content"])
+    if message.get("tool_calls") and content.strip() and not _written(content, completion):
+        raise Skip("chat template ignores the content of a tool-call turn")
     for key in REASONING_FIELDS:
         if (message.get(key) or "").strip() and message[key].strip() not in completion:
             raise Skip(f"chat template ignores the final turn's {key}")
