@@ -302,3 +302,20 @@ def test_rows_through_arrow_keep_their_own_argument_and_schema_fields(tmp_path):
     completion, prompt = completion_and_prompt(tok, dataset[0])
     assert completion == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'
     assert "null" not in prompt and "strict" not in prompt
+
+
+# A template that prints arguments as given (`{{ ... }}`): a dict would come out as Python's repr.
+PRINTS_ARGUMENTS = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+    "{% for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + ' ' }}{{ c.function.arguments }}{{ '</call>' }}"
+    "{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_prints_arguments_as_given_gets_json_text(tmp_path):
+    row = pair(calling(call(arguments={"city": "Oslo"})), calling(call(name="get_time")))
+    del row["tools"]
+    entry = write_jsonl(tmp_path / "p.jsonl", [row], chat_template="jinja", chat_template_jinja=PRINTS_ARGUMENTS)
+    tok = tokenizer()
+    dataset, _ = _prepare_split(prep_cfg(), tok, [entry], "train")
+    assert completion_and_prompt(tok, dataset[0])[0] == '<call>get_weather {"city": "Oslo"}</call><|im_end|>'

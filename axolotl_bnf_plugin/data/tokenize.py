@@ -169,21 +169,23 @@ _TEXT_ARGUMENTS: dict[str, bool] = {}
 def _takes_text_arguments(tokenizer, chat_template: str) -> bool:
     """Whether the template writes tool-call arguments as text it is given (DeepSeek V3 concatenates
     them) rather than serialising a dict (`| tojson`: Llama, Mistral, Qwen, ...). Probed once per template:
-    a call with dict arguments that fails to render while the same call with JSON text renders."""
+    a call with dict arguments that fails to render, or renders as a Python dict (`{{ arguments }}`), while
+    the same call with JSON text renders."""
     if chat_template not in _TEXT_ARGUMENTS:
         call = {"type": "function", "id": "abcdefghi", "function": {"name": "probe", "arguments": {"x": 1}}}
         messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
 
-        def renders(arguments) -> bool:
+        def renders(arguments) -> str | None:
             probe = [messages[0], {**messages[1], "tool_calls": [{**call, "function": {"name": "probe",
                                                                                          "arguments": arguments}}]}]
             try:
-                tokenizer.apply_chat_template(probe, tokenize=False, chat_template=chat_template)
-                return True
+                return tokenizer.apply_chat_template(probe, tokenize=False, chat_template=chat_template)
             except Exception:  # noqa: BLE001 - any failure means "not in this form"
-                return False
+                return None
 
-        _TEXT_ARGUMENTS[chat_template] = not renders({"x": 1}) and renders('{"x": 1}')
+        as_dict = renders({"x": 1})
+        _TEXT_ARGUMENTS[chat_template] = (as_dict is None or "{'x': 1}" in as_dict) and \
+            renders('{"x": 1}') is not None
     return _TEXT_ARGUMENTS[chat_template]
 
 
