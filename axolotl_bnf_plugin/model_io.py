@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data.collator import VARLEN_KEYS
+from .data.collator import SCORED_LENGTHS, VARLEN_KEYS, scored_lengths
 from .kernels import LogitTransform, token_logprobs
 
 IGNORE_INDEX = -100
@@ -488,6 +488,11 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
     rows, length, width = hidden.shape
     labels = batch["labels"]
     targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
+    segment_lengths = None
+    if grad_rule is not None and getattr(grad_rule, "over_segments", False):
+        segment_lengths = batch.get(SCORED_LENGTHS)
+        if segment_lengths is None:  # a batch not from the plugin's collator: one device sync
+            segment_lengths = scored_lengths(batch["response_index"], batch["scored_index"], batch["sign"].shape[0])
 
     def score(flat_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         head = output_head(model)
@@ -511,6 +516,7 @@ def response_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int 
                 grad_rule=grad_rule,
                 grad_inputs=None if grad_inputs is None else tuple(to_head(t) for t in grad_inputs),
                 return_lse=with_lse,
+                segment_lengths=segment_lengths,
             )
             return tuple(t.to(labels.device) for t in results)
         finally:

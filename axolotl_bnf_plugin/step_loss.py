@@ -67,8 +67,8 @@ def batch_loss(model, batch, settings: LossSettings, reference=None, check_head:
         ref_logp = None
     grad_rule, grad_inputs = method.grad_rule, None
     if grad_rule is not None:
-        scale = method.grad_scale(response_rows(batch)[0], batch["sign"], batch["pair_ids"], normalizer)
-        grad_inputs = (ref_logp, per_position(batch, scale))
+        grad_inputs = method.grad_inputs(ref_logp, lambda values: per_position(batch, values),
+                                         response_rows(batch)[0], batch["sign"], batch["pair_ids"], normalizer)
     aux_coef = router_aux_coef(model)
     logp, neg_entropy, _, *rest = response_token_logps(model, batch, settings.chunk_size, check_head=check_head,
                                                        impl=settings.impl, grad_rule=grad_rule,

@@ -12,6 +12,9 @@ labels a fraction F of the rows ignore_index, as prompt tokens):
 - `bnf single pass (ours)`: the BNF loss (all rows one response, a fixed reference) on the op with BNF's
   gradient rule (`grad_rule=BNF_GRAD_RULE`): the gradient is built during the forward, one logits pass;
 - `bnf two-pass (ours)`: the same loss on the plain op. Its difference to the single pass is the saving;
+- `asft single pass (ours)` / `asft two-pass (ours)`: the ASFT loss, the rows cut into paired responses of
+  `ASFT_RESPONSE_ROWS` rows, with ASFT's gradient rule over responses (the op's blocks hold whole
+  responses; one logits pass) or on the plain op;
 - `naive`: logits = hidden @ weight.T, fp32 log_softmax, gather (what TRL's DPO path does);
 - `liger flce`: Liger-Kernel's `LigerFusedLinearCrossEntropyLoss(reduction="none")`, with
   `accum_dtype=torch.float32` where the installed version has that keyword (CUDA only);
@@ -177,17 +180,65 @@ def bnf_single_pass(hidden, weight, labels):
     return _bnf(hidden, weight, labels, single_pass=True)
 
 
+# ASFT's responses in the benchmark: consecutive runs of this many rows, paired (chosen, rejected).
+ASFT_RESPONSE_ROWS = 128
+
+
+def _asft(hidden, weight, labels, single_pass: bool):
+    """The ASFT loss, rows cut into paired responses of ASFT_RESPONSE_ROWS rows (the last one shorter)."""
+    from axolotl_bnf_plugin.kernels import token_logprobs
+    from axolotl_bnf_plugin.methods.asft import ASFT, asft_loss
+
+    n = labels.shape[0]
+    lengths = [min(ASFT_RESPONSE_ROWS, n - start) for start in range(0, n, ASFT_RESPONSE_ROWS)]
+    b, width = len(lengths), max(lengths)
+    sign = torch.tensor([1 if i % 2 == 0 else -1 for i in range(b)], device=labels.device)
+    pair_ids = torch.tensor([i // 2 if i // 2 * 2 + 1 < b else -1 for i in range(b)], device=labels.device)
+    mask = (labels != IGNORE_INDEX)
+    scored = [int(m.sum()) for m in mask.split(lengths)]
+    # Rows as [B, width]: a response's rows in order (its ignored rows count toward nothing).
+    index = torch.cat([torch.arange(length, device=labels.device) + i * width for i, length in enumerate(lengths)])
+
+    def as_rows(values):
+        return values.new_zeros(b * width).index_copy(0, index, values).view(b, width)
+
+    row_mask = as_rows(mask.float()).bool()
+    if single_pass:
+        method = ASFT()
+        inputs = method.grad_inputs(None, lambda v: torch.repeat_interleave(v, torch.tensor(lengths, device=v.device)),
+                                    row_mask, sign, pair_ids)
+        logp, _, rule_grad = token_logprobs(hidden, weight, labels, chunk_size=_chunk_size(), grad_rule=method.grad_rule,
+                                            grad_inputs=inputs, segment_lengths=scored)
+        from axolotl_bnf_plugin.kernels import with_rule_gradient
+
+        loss = asft_loss(as_rows(logp.detach()), row_mask, sign, pair_ids)[0]
+        return with_rule_gradient(loss, logp, rule_grad)
+    logp, _ = token_logprobs(hidden, weight, labels, chunk_size=_chunk_size())
+    return asft_loss(as_rows(logp), row_mask, sign, pair_ids)[0]
+
+
+def asft_two_pass(hidden, weight, labels):
+    return _asft(hidden, weight, labels, single_pass=False)
+
+
+def asft_single_pass(hidden, weight, labels):
+    return _asft(hidden, weight, labels, single_pass=True)
+
+
 METHODS = {"two-pass op (ours)": two_pass_op, "bnf single pass (ours)": bnf_single_pass,
-           "bnf two-pass (ours)": bnf_two_pass, "naive": naive, "liger flce": liger, "torch lce": torch_lce}
+           "bnf two-pass (ours)": bnf_two_pass, "asft single pass (ours)": asft_single_pass,
+           "asft two-pass (ours)": asft_two_pass, "naive": naive, "liger flce": liger, "torch lce": torch_lce}
+SINGLE_PASS = ("bnf single pass (ours)", "asft single pass (ours)")
+TWO_PASS = ("two-pass op (ours)", "bnf two-pass (ours)", "asft two-pass (ours)")
 
 
 def flops_factor(name: str, liger_factor: int | None = None, frozen_weight: bool = False) -> int | None:
     """Flops the method executes, in units of N*H*V (see the module docstring); Liger's is `liger_factor`
     (with a trainable weight)."""
-    full = liger_factor if name == "liger flce" else 6 if name in ("bnf single pass (ours)", "naive") else 8
+    full = liger_factor if name == "liger flce" else 6 if name in SINGLE_PASS + ("naive",) else 8
     if full is None or not frozen_weight:
         return full
-    return 4 if name in ("two-pass op (ours)", "bnf two-pass (ours)") else full - 2
+    return 4 if name in TWO_PASS else full - 2
 
 
 def available(name: str, device: torch.device) -> str | None:

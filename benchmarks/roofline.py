@@ -154,14 +154,14 @@ def chunk_rows(H, V, dtype, workspace, weight_grad=True) -> int:
     return default_chunk_size(V, dtype, workspace, "triton", "cuda", hidden_size=H if weight_grad else 0)
 
 
-def single_pass(N, H, V, dtype, workspace=DEFAULT_WORKSPACE_BYTES, l2_hit=False) -> Schedule:
+def single_pass(N, H, V, dtype, workspace=DEFAULT_WORKSPACE_BYTES, l2_hit=False,
+                name="bnf single pass (ours)") -> Schedule:
     d, C = dtype.itemsize, chunk_rows(H, V, dtype, workspace)
     phases = _row_chunked_grads(N, H, V, d, C, 2, "stats kernel, rule, d logits kernel in place")
     phases += [Phase("scale d weight fp32 -> dtype (one pass)", 0, V * H * 4 + V * H * d),
                Phase("scale d hidden in its dtype (fp32 math)", 0, 2 * N * H * d)]
     temps = {"block": min(C, N) * V * d, "fp32 [V,H]": V * H * 4}
-    return Schedule("bnf single pass (ours)", phases, temps, f"C={C} rows x {math.ceil(N / C)} chunks",
-                    {"C": C, "chunks": math.ceil(N / C)})
+    return Schedule(name, phases, temps, f"C={C} rows x {math.ceil(N / C)} chunks", {"C": C, "chunks": math.ceil(N / C)})
 
 
 def two_pass(N, H, V, dtype, workspace=DEFAULT_WORKSPACE_BYTES, l2_hit=False, name="two-pass op (ours)") -> Schedule:
@@ -265,11 +265,16 @@ def schedules(N, H, V, dtype, workspace=DEFAULT_WORKSPACE_BYTES, l2_hit=False, l
               liger_accum="fp32", frozen_weight=False) -> list[Schedule]:
     if frozen_weight:
         ours = [frozen_head(N, H, V, dtype, workspace, l2_hit, name) for name in
-                ("bnf single pass (ours)", "two-pass op (ours)", "bnf two-pass (ours)")]
+                ("bnf single pass (ours)", "two-pass op (ours)", "bnf two-pass (ours)", "asft single pass (ours)",
+                 "asft two-pass (ours)")]
         return ours + [_without_weight_grad(naive(N, H, V, dtype)),
                        _without_weight_grad(liger(N, H, V, dtype, liger_reduction, liger_accum, l2_hit))]
+    # ASFT's single pass has BNF's schedule when its responses fit a block (blocks cut at response
+    # boundaries hold at most the chunk's rows: a few more, smaller blocks at worst).
     return [single_pass(N, H, V, dtype, workspace, l2_hit), two_pass(N, H, V, dtype, workspace, l2_hit),
-            two_pass(N, H, V, dtype, workspace, l2_hit, name="bnf two-pass (ours)"), naive(N, H, V, dtype),
+            two_pass(N, H, V, dtype, workspace, l2_hit, name="bnf two-pass (ours)"),
+            single_pass(N, H, V, dtype, workspace, l2_hit, name="asft single pass (ours)"),
+            two_pass(N, H, V, dtype, workspace, l2_hit, name="asft two-pass (ours)"), naive(N, H, V, dtype),
             liger(N, H, V, dtype, liger_reduction, liger_accum, l2_hit)]
 
 

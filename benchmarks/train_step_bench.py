@@ -34,7 +34,8 @@ Methods, all on the same batch:
 - `bnf-precomputed`: BNF single pass on a batch carrying the initial policy's log-probs (`ref_logps`, scored
   once before the timed steps as `bnf_precompute_ref` does: `reference.initial_policy_logps`); no reference
   model is held and no reference forward runs;
-- `asft`: `batch_loss` with ASFT (reference-free, two-pass op);
+- `asft`: `batch_loss` with ASFT (reference-free; single pass over whole responses: a response longer
+  than a block takes the two-pass op);
 - `dpo-naive`: DPO written plainly: `model(...).logits` over every position, fp32 `log_softmax`, `gather`,
   summed per response, sigmoid loss (beta 0.1) against a frozen reference's log-probs computed the same
   way under `no_grad` (full: a frozen copy; LoRA: the adapter disabled, as TRL does).

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_bench.py"
-OURS = {"two-pass op (ours)": 8, "bnf single pass (ours)": 6, "bnf two-pass (ours)": 8}
+OURS = {"two-pass op (ours)": 8, "bnf single pass (ours)": 6, "bnf two-pass (ours)": 8, "asft single pass (ours)": 6,
+        "asft two-pass (ours)": 8}
 
 
 def test_kernel_bench_runs_every_method_it_can(tmp_path):

@@ -143,10 +143,12 @@ class ResponseBatchCollator:
         # Flat indices of the positions that score a label (position t scores label t + 1), computed
         # here on the CPU so the fused op and the re-layout need no device-to-host synchronisation.
         scored_index = (labels[:, 1:] != IGNORE_INDEX).nonzero()
+        scored_flat = scored_index[:, 0] * width + scored_index[:, 1]
         batch = {
             "input_ids": input_ids,
             "labels": labels,
-            "scored_index": scored_index[:, 0] * width + scored_index[:, 1],
+            "scored_index": scored_flat,
+            SCORED_LENGTHS: scored_lengths(response_index, scored_flat, len(signs)),
             "position_ids": position_ids,
             "response_index": response_index,
             "sign": torch.as_tensor(signs, dtype=torch.long),
@@ -159,6 +161,18 @@ class ResponseBatchCollator:
         if has_ref:
             batch[REF_LOGPS] = ref_logps
         return batch
+
+
+# Scored tokens of each response, in response order (= the order of their rows in the fused op), as host
+# integers: a gradient rule over whole responses cuts the op's blocks at their boundaries with no device sync.
+SCORED_LENGTHS = "scored_lengths"
+
+
+def scored_lengths(response_index: torch.Tensor, scored_flat: torch.Tensor, num_responses: int) -> list[int]:
+    """How many scored positions each response has (position t scores label t + 1, of response
+    `response_index` at t + 1); responses are laid out in order, so each one's positions are consecutive."""
+    response = response_index.view(-1)[scored_flat + 1]
+    return torch.bincount(response, minlength=num_responses).tolist()
 
 
 NORMALIZER_UNITS = "normalizer_units"
@@ -233,6 +247,8 @@ def leading_examples(batch: dict[str, torch.Tensor], keep: int) -> dict[str, tor
             out[key] = value[:keep]
         elif key == "scored_index":
             out[key] = value[value < kept_rows * width]
+        elif key == SCORED_LENGTHS:  # one per response, and unpacked responses are rows
+            out[key] = value[:kept_rows]
         elif torch.is_tensor(value) and value.dim() and value.shape[0] == rows:
             out[key] = value[:kept_rows]
         else:

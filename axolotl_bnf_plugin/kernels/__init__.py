@@ -22,6 +22,7 @@ from .chunked import IMPLS, token_logprobs_op
 from .grad_rules import GradRule, get_grad_rule, register_grad_rule
 from .logit_transform import LogitTransform
 from .misuse import SinglePassMisuse, raise_pending
+from .segments import SegmentStats, log_fp16_once, log_split_once, plan_segments
 from .schedule import DEFAULT_WORKSPACE_BYTES, bytes_per_logit, default_chunk_size
 from .single_pass import single_pass_op, with_rule_gradient
 
@@ -50,6 +51,40 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
+def _over_segments(hidden, weight, bias, labels, rule, a, b, scale, softcap, chunk_size, impl, need, plan):
+    """(logp, neg_entropy, rule gradient) of a rule over segments: the segments that fit a block in the
+    single pass, each block holding whole segments; those longer than a block in the two-pass op, their
+    rule gradient from their whole rows' statistics (they get it in backward, as any upstream gradient)."""
+    log_split_once(plan, chunk_size)
+    device = hidden.device
+    parts = []  # (rows or None for all, logp, neg_entropy, rule gradient)
+    if plan.blocks:
+        rows = None if plan.single_rows is None else torch.tensor(plan.single_rows, device=device)
+        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        local = torch.tensor(plan.local, device=device)
+        bounds = [x for block in plan.blocks for x in block]
+        logp, neg_entropy, grad, *_ = single_pass_op(
+            pick(hidden), weight, bias, pick(labels), rule.name, pick(a), pick(b), scale, softcap, chunk_size, impl,
+            *need, local, bounds)
+        parts.append((rows, logp, neg_entropy, grad))
+    if plan.long_rows:
+        rows = torch.tensor(plan.long_rows, device=device)
+        pick = lambda t: t.index_select(0, rows)  # noqa: E731
+        logp, neg_entropy, _, _ = token_logprobs_op(pick(hidden), weight, bias, pick(labels), scale, softcap,
+                                                    chunk_size, impl, need == (True, False, False))
+        segment = torch.tensor(plan.segment_of_row, device=device).index_select(0, rows)
+        _, segment = torch.unique_consecutive(segment, return_inverse=True)
+        stats = SegmentStats.of(logp.detach(), segment)
+        parts.append((rows, logp, neg_entropy, rule.evaluate(logp.detach(), pick(a), pick(b), stats).float()))
+    if len(parts) == 1 and parts[0][0] is None:
+        return parts[0][1:]
+    n = labels.shape[0]
+    out = [torch.zeros(n, dtype=torch.float32, device=device) for _ in range(3)]
+    for rows, *values in parts:
+        out = [o.index_copy(0, rows, v) for o, v in zip(out, values)]
+    return out[0], out[1].detach(), out[2].detach()
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -64,6 +99,7 @@ def token_logprobs(
     grad_rule: GradRule | str | None = None,
     grad_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     return_lse: bool = False,
+    segment_lengths: list[int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row label log-prob and negative entropy of `softcap(scale * (hidden @ weight.T + bias))`.
 
@@ -92,6 +128,11 @@ def token_logprobs(
             the rule's inputs; anything else raises `SinglePassMisuse` (on CUDA at the next call: no host
             sync) and makes that backward's gradients NaN. Without a gradient (no_grad, or no input that
             needs one) the plain op runs and the third output is the rule evaluated on its `logp`.
+        segment_lengths: for a rule over segments (a response-level rule, such as ASFT's), how many
+            consecutive scored rows each segment has, in row order, as host integers (a response with no
+            scored row: 0). The single pass then cuts its blocks at segment boundaries, so each segment's
+            statistics are complete before its d logits are formed; the rows of a segment longer than a
+            block take the two-pass op instead (logged once per process, with their share).
         return_lse: also return each row's log-partition `log Z = logsumexp_v z_v` (of the transformed
             logits), which the op computes anyway: the label's logit is then `z_y = logp + log Z`. Value
             only, and only without a gradient rule's pass (it is for scoring, not for training).
@@ -123,6 +164,8 @@ def token_logprobs(
     if return_lse and grad_rule is not None:
         raise ValueError("return_lse is for scoring: it cannot be combined with a grad_rule")
     rule = get_grad_rule(grad_rule if isinstance(grad_rule, str) else grad_rule.name) if grad_rule is not None else None
+    if rule is not None and rule.over_segments and segment_lengths is None:
+        raise ValueError(f"gradient rule {rule.name!r} is over segments: pass segment_lengths")
     LogitTransform(scale=scale, softcap=softcap)  # validates the values
     impl = resolve_impl(impl, hidden.device)
 
@@ -146,6 +189,9 @@ def token_logprobs(
         chunk_size = default_chunk_size(v, hidden.dtype, impl=impl, device_type=hidden.device.type,
                                         hidden_size=h if need[1] else 0)
     every_row = row_index.shape[0] == n  # a shape, not a value: no sync
+    if rule is not None and rule.over_segments and sum(int(x) for x in segment_lengths) != row_index.shape[0]:
+        raise ValueError(f"segment_lengths add up to {sum(int(x) for x in segment_lengths)} rows; "
+                         f"{row_index.shape[0]} rows are scored")
 
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t if every_row else t.index_select(0, row_index)
@@ -153,7 +199,15 @@ def token_logprobs(
     with torch.autocast(hidden.device.type, enabled=False):
         if rule is not None:
             a, b = (rows(t.reshape(-1)).float().detach() for t in grad_inputs)
-        if rule is not None and torch.is_grad_enabled() and any(need):
+        single = rule is not None and torch.is_grad_enabled() and any(need)
+        if single and rule.over_segments and dtype == torch.float16:
+            single = False  # (see `segments.HALF_PRECISION`)
+            log_fp16_once(rule.name)
+        if single and rule.over_segments:
+            logp_s, neg_entropy_s, rule_grad_s = _over_segments(
+                rows(hidden), weight, bias, scored, rule, a, b, scale, softcap, chunk_size, impl, need,
+                plan_segments(segment_lengths, chunk_size))
+        elif single:
             logp_s, neg_entropy_s, rule_grad_s, *_ = single_pass_op(
                 rows(hidden), weight, bias, scored, rule.name, a, b, scale, softcap, chunk_size, impl, *need
             )
@@ -163,7 +217,12 @@ def token_logprobs(
                 rows(hidden), weight, bias, scored, scale, softcap, chunk_size, impl, hidden_grad_only
             )
             if rule is not None:
-                rule_grad_s = rule.grad(logp_s.detach(), a, b).float()
+                stats = None
+                if rule.over_segments:
+                    segment = torch.tensor(plan_segments(segment_lengths, chunk_size).segment_of_row,
+                                           device=logp_s.device)
+                    stats = SegmentStats.of(logp_s.detach(), segment)
+                rule_grad_s = rule.evaluate(logp_s.detach(), a, b, stats).float()
     extra = (rule_grad_s.detach(),) if rule is not None else (lse_s.detach(),) if return_lse else ()
     if every_row:
         return (logp_s, neg_entropy_s.detach(), *extra)

@@ -37,11 +37,25 @@ ROUNDING_ULPS = 4
 
 @dataclass(frozen=True)
 class GradRule:
-    """d loss / d logp of each row as `grad(logp, a, b)`, with `|grad| <= bound(a, b)`."""
+    """d loss / d logp of each row as `grad(logp, a, b)`, with `|grad| <= bound(a, b)`.
+
+    A rule `over_segments` also reads statistics of the row's whole segment (its response):
+    `grad(logp, a, b, stats)` with `stats` a `segments.SegmentStats` of the segment's log-probs (sum,
+    count, mean). The op then cuts its blocks at segment boundaries (`segments.plan_segments`) and computes
+    the statistics from each block's own log-probs before forming its d logits."""
 
     name: str
     grad: Grad
     bound: Bound
+    over_segments: bool = False
+
+    def evaluate(self, logp: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats=None) -> torch.Tensor:
+        """`grad` per row (with the segment statistics for a rule over segments)."""
+        if self.over_segments:
+            if stats is None:
+                raise ValueError(f"gradient rule {self.name!r} reads segment statistics: the op needs segment_lengths")
+            return self.grad(logp, a, b, stats)
+        return self.grad(logp, a, b)
 
 
 _RULES: dict[str, GradRule] = {}
@@ -76,19 +90,21 @@ def prescale(bound: torch.Tensor) -> torch.Tensor:
 
 
 def rounding_slack(rule: GradRule, logp: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   grad: torch.Tensor) -> torch.Tensor:
+                   grad: torch.Tensor, stats=None) -> torch.Tensor:
     """Per row, how far `rule.grad` moves when its inputs move by `ROUNDING_ULPS` fp32 roundings.
 
-    logp and a move by that many units of fp32 precision in absolute terms (scaled by 1 + |x|: an error in
+    logp and a (and a segment's mean, for a rule over segments) move by that many units of fp32 precision in absolute terms (scaled by 1 + |x|: an error in
     p = exp(logp) of one ulp near p = 1 is an absolute error of one ulp in logp), b by as many in relative
     terms. The largest change over the corners of that box bounds the difference between two honest
     evaluations of the rule on the same numbers.
     """
     step = ROUNDING_ULPS * torch.finfo(torch.float32).eps
     dl, da = step * (1 + logp.abs()), step * (1 + a.abs())
+    dm = step * (1 + stats.mean.abs()) if stats is not None else None
     slack = step * grad.abs()
     for sl in (-1.0, 1.0):
         for sa in (-1.0, 1.0):
-            moved = rule.grad(logp + sl * dl, a + sa * da, b).float()
+            moved_stats = stats.shifted(sl * dm) if stats is not None else None
+            moved = rule.evaluate(logp + sl * dl, a + sa * da, b, moved_stats).float()
             slack = torch.maximum(slack, (moved - grad).abs() + step * grad.abs())
     return torch.where(torch.isfinite(slack), slack, torch.zeros_like(slack))

@@ -33,6 +33,7 @@ from .chunked import GradBuffers, no_double_backward, on_device, row_ops, scaled
 from .fake import fake_grads, fake_rows
 from .grad_rules import get_grad_rule, prescale, rounding_slack
 from .logit_transform import LogitTransform
+from .segments import SegmentStats
 from .workspace import Workspace
 
 # The upstream gradient must match the predicted one times a constant to this fraction of its largest value,
@@ -52,27 +53,35 @@ def with_rule_gradient(loss: torch.Tensor, logp: torch.Tensor, rule_grad: torch.
 
 
 def _forward(hidden, weight, bias, labels, rule_name, a, b, scale, softcap, chunk_size, impl, need_h, need_w,
-             need_b):
+             need_b, segment=None, block_bounds=None):
     misuse.raise_pending()
     ops, transform, rule = row_ops(impl), LogitTransform(scale=scale, softcap=softcap), get_grad_rule(rule_name)
     factor = prescale(rule.bound(a, b))
     n = labels.shape[0]
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     neg_entropy, grad_logp = torch.empty_like(logp), torch.empty_like(logp)
+    totals, counts = (torch.empty_like(logp), torch.empty_like(logp)) if rule.over_segments else (None, None)
     grads, workspace = GradBuffers(hidden, weight, need_h, need_w, need_b), Workspace()
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
+    # Blocks of whole segments for a rule over segments (`segments.plan_segments`), else fixed-size chunks.
+    bounds = (list(zip(block_bounds[0::2], block_bounds[1::2])) if block_bounds is not None else
+              [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)])
+    for start, stop in bounds:
         h_c = hidden[start:stop]
         block = workspace.project(h_c, weight, bias)
 
         def row_grad(logp_c, start=start, stop=stop):
-            grad_logp[start:stop] = rule.grad(logp_c, a[start:stop], b[start:stop])
+            stats = None
+            if rule.over_segments:  # the block holds its segments whole: their statistics are final here
+                stats = SegmentStats.of(logp_c, segment[start:stop])
+                totals[start:stop], counts[start:stop] = stats.total, stats.count
+            grad_logp[start:stop] = rule.evaluate(logp_c, a[start:stop], b[start:stop], stats)
             return grad_logp[start:stop] * factor
 
         logp[start:stop], neg_entropy[start:stop], _, dlogits = ops.rule_pass_(
             block, labels[start:stop], row_grad, transform, workspace)
         grads.add(dlogits, h_c, start, stop)
-    slack = rounding_slack(rule, logp, a, b, grad_logp)
+    stats = SegmentStats(totals, counts) if rule.over_segments else None
+    slack = rounding_slack(rule, logp, a, b, grad_logp, stats)
     return (logp, neg_entropy, grad_logp, slack, factor, *grads.result(keep_fp32=True))
 
 
@@ -97,17 +106,22 @@ def single_pass_op(
     need_h: bool,
     need_w: bool,
     need_b: bool,
+    segment: Optional[torch.Tensor] = None,
+    block_bounds: Optional[list[int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """(logp, neg_entropy, predicted d loss / d logp, its rounding slack, prescale, d hidden, d weight, d bias)
     for all-scored rows, by the registered gradient rule `rule` with per-row inputs `a`, `b`; the gradients
-    are for the predicted one times `prescale`, d weight / d bias in fp32."""
+    are for the predicted one times `prescale`, d weight / d bias in fp32. For a rule over segments,
+    `segment` numbers each row's segment within its block and `block_bounds` (start, stop, start, ...) are
+    blocks of whole segments."""
     return forward(hidden, weight, bias, labels, rule, a, b, scale, softcap, chunk_size, impl, need_h, need_w,
-                   need_b)
+                   need_b, segment, block_bounds)
 
 
 @single_pass_op.register_fake
-def _(hidden, weight, bias, labels, rule, a, b, scale, softcap, chunk_size, impl, need_h, need_w, need_b):
+def _(hidden, weight, bias, labels, rule, a, b, scale, softcap, chunk_size, impl, need_h, need_w, need_b,
+      segment=None, block_bounds=None):
     return (*fake_rows(hidden, labels, 4), hidden.new_empty((), dtype=torch.float32),
             *fake_grads(hidden, weight, need_h, need_w, need_b, weight_dtype=torch.float32))
 
@@ -160,7 +174,7 @@ def _backward(ctx, grad_logp, *_unused):
     no_double_backward("the single-pass op")
     misuse.raise_pending()
     if grad_logp is None:
-        return (None,) * 14
+        return (None,) * 16
     predicted, slack, factor_in_forward, grad_h, grad_w, grad_b = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     with on_device(predicted):
@@ -169,7 +183,7 @@ def _backward(ctx, grad_logp, *_unused):
         return (scaled_gradient(grad_h, factor, grad_h.dtype) if need_h else None,
                 scaled_gradient(grad_w, factor, ctx.weight_dtype) if need_w else None,
                 scaled_gradient(grad_b, factor, ctx.weight_dtype) if need_b and ctx.has_bias else None,
-                None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 single_pass_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,17 +1,21 @@
 """ASFT, Aligned Supervised Fine-Tuning (Wang et al., arXiv 2409.10571): its keys and math. Reference-free.
 
 Each response is scored by its length-normalised log-likelihood lbar; a preferred response adds an NLL
-term, and every response an alignment term on its log-odds r = log(pibar / (1 - pibar)) (METHODS.md). The
-gradient depends on sequence-level values, so the fused op runs its two-pass schedule.
+term, and every response an alignment term on its log-odds r = log(pibar / (1 - pibar)) (METHODS.md). A token's
+gradient depends on its whole response's lbar, so ASFT's gradient rule is over segments: the fused op's
+blocks hold whole responses and build the gradient in the forward, one logits pass.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
+from ..kernels.grad_rules import GradRule, register_grad_rule
 from .base import Method, option
 from .common import Metrics, add_preference_metrics, check_inputs, pair_margins, resolve_normalizer
 from .registry import register
@@ -86,10 +90,42 @@ def asft_loss(
     return loss, metrics
 
 
+# 1 / (1 - pibar) at the largest lbar the loss evaluates log(1 - pibar) at: the alignment gradient's bound.
+_ASFT_MAX_ODDS_SLOPE = 1.0 + 1.0 / math.expm1(-_ASFT_MAX_LBAR)
+
+
+def _asft_grad(logp, sign, inv_n, stats, *, lam, beta, sft_weight):
+    """d loss / d logp of a scored token: (1/n) (1/|y|) dl/dlbar of its response, with lbar its mean log-prob
+    (from the segment statistics) and l the response's term of `asft_loss`. The alignment term's derivative
+    goes through r = lbar - log(1 - exp(min(lbar, -1e-6))): dr/dlbar = 1 + 1 / expm1(-lbar) below the clamp,
+    1 above it (where the clamp's gradient is 0), as autograd differentiates `asft_loss`."""
+    lbar = stats.mean
+    below = lbar <= _ASFT_MAX_LBAR
+    slope = 1.0 + torch.where(below, 1.0 / torch.expm1(-lbar.clamp(max=_ASFT_MAX_LBAR)), torch.zeros_like(lbar))
+    log_odds = lbar - _log1mexp(lbar.clamp(max=_ASFT_MAX_LBAR))
+    preferred = sign > 0
+    d_align = torch.where(preferred, -beta * torch.sigmoid(-beta * log_odds), beta * torch.sigmoid(beta * log_odds))
+    d_term = lam * d_align * slope - torch.where(preferred, sft_weight, 0.0)
+    return inv_n * d_term / stats.count
+
+
+@lru_cache(maxsize=None)
+def asft_grad_rule(lam: float, beta: float, sft_weight: float) -> GradRule:
+    """ASFT's gradient rule for these hyper-parameters, over segments (each response's mean log-prob)."""
+
+    def bound(sign, inv_n):
+        return inv_n.abs() * (sft_weight + lam * beta * _ASFT_MAX_ODDS_SLOPE)
+
+    grad = partial(_asft_grad, lam=lam, beta=beta, sft_weight=sft_weight)
+    name = f"asft(lambda={lam!r}, beta={beta!r}, c_sft={sft_weight!r})"
+    return register_grad_rule(GradRule(name, grad=grad, bound=bound, over_segments=True))
+
+
 @register
 @dataclass(frozen=True)
 class ASFT(Method):
-    """ASFT on the fused op's per-token log-probs (two-pass: no gradient rule)."""
+    """ASFT on the fused op, its gradient built in the forward by a rule over whole responses (each token's
+    gradient depends on its response's mean log-prob: the op's blocks hold whole responses)."""
 
     name = "asft"
     paper = "ASFT: Aligned Supervised Fine-Tuning (Wang et al., arXiv 2409.10571) -- not Anchored SFT (2509.23753)"
@@ -106,6 +142,16 @@ class ASFT(Method):
     def loss(self, logp, ref_logp, neg_entropy, mask, sign, pair_ids=None, *, normalizer=None):
         return asft_loss(logp, mask, sign, pair_ids, lam=self.lam, beta=self.beta, sft_weight=self.sft_weight,
                          normalizer=normalizer)
+
+    @property
+    def grad_rule(self) -> GradRule:
+        return asft_grad_rule(float(self.lam), float(self.beta), float(self.sft_weight))
+
+    def grad_inputs(self, ref_logp, to_positions, mask, sign, pair_ids, normalizer=None):
+        """(sign, 1 / n) per position: the rule reads the response's mean log-prob from the op's blocks."""
+        n = resolve_normalizer(normalizer, pair_ids, mask)
+        inv_n = torch.ones(sign.shape[0], dtype=torch.float32, device=sign.device) / n
+        return to_positions(sign.float()), to_positions(inv_n)
 
     def describe(self) -> str:
         return f"lambda={self.lam} beta={self.beta} c_sft={self.sft_weight}"

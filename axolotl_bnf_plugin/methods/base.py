@@ -9,8 +9,9 @@ object for the rest. A method says:
 - `options`: a pydantic model of its config keys (merged into the plugin's `BNFArgs`; declared there once,
   and its hyper-parameters read from them with `option`);
 - `loss(...)`: its loss and metrics on per-token tensors, and `metrics`, the names that loss logs;
-- optionally `grad_rule` and `grad_scale(...)`: a gradient rule (`kernels.grad_rules`) that lets the fused op
-  build the loss's gradient during the forward pass, one logits pass instead of two;
+- optionally `grad_rule` and `grad_scale(...)` / `grad_inputs(...)`: a gradient rule (`kernels.grad_rules`)
+  that lets the fused op build the loss's gradient during the forward pass, one logits pass instead of two
+  (a rule `over_segments` may read its response's statistics, as ASFT's does);
 - `paper`, `formula`, `describe()`: the lines of the method card printed at the start of training.
 
 A method is a frozen dataclass of its hyper-parameters. Adding one is one module in this package that
@@ -63,6 +64,12 @@ class Method(ABC):
         """`[B]` per-response scale, for a method with a `grad_rule`: d loss / d logp of a scored token is then
         `grad_rule.grad(logp, ref_logp, scale of its response)`, which the fused op builds in its forward."""
         raise NotImplementedError(f"{self.name} has no gradient rule")
+
+    def grad_inputs(self, ref_logp, to_positions, mask: torch.Tensor, sign: torch.Tensor,
+                    pair_ids: torch.Tensor | None, normalizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient rule's two per-position inputs `(a, b)`. `to_positions` lays a `[B]` per-response value
+        out per position. By default: the reference log-probs and the per-response `grad_scale`."""
+        return ref_logp, to_positions(self.grad_scale(mask, sign, pair_ids, normalizer))
 
     @abstractmethod
     def describe(self) -> str:
