@@ -26,6 +26,7 @@ def test_blocks_hold_whole_segments_and_long_ones_go_to_the_two_pass_op():
     assert plan.single_rows == list(range(7)) + list(range(16, 23))
     assert plan.local == [0] * 3 + [1] * 4 + [0] * 2 + [1] * 5
     assert plan.segment_of_row == [0] * 3 + [1] * 4 + [2] * 9 + [3] * 2 + [4] * 5
+    assert plan.long_segment == [0] * 9
     assert plan_segments([2, 2], chunk_size=8).single_rows is None  # every row in the single pass, no copy
 
 
@@ -218,3 +219,16 @@ def test_training_loss_single_pass_equals_two_pass(setup, packed, chunk_size):  
     for name in g2:
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-7, msg=name)
     assert g1["lm_head.weight"].abs().max() > 0
+
+
+def test_a_batch_with_no_scored_row_still_backpropagates():
+    """All responses without a scored token: zero gradients, as the plain op gives, not a graph-less loss."""
+    h, w, _, _, _, _ = batch([3, 3], [1, -1], [0, 0])
+    h.requires_grad_()
+    labels = torch.full((6,), -100)
+    empty = torch.empty(0, dtype=torch.long)
+    x = torch.ones(6)
+    logp, _, rule_grad = token_logprobs(h, w, labels, row_index=empty, grad_rule=asft_grad_rule(1.0, 1.0, 1.0),
+                                        grad_inputs=(x, x), segment_lengths=[0, 0], chunk_size=8)
+    with_rule_gradient(torch.zeros(()), logp, rule_grad).backward()
+    assert h.grad is not None and not h.grad.any()

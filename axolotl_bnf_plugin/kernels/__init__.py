@@ -22,7 +22,7 @@ from .chunked import IMPLS, token_logprobs_op
 from .grad_rules import GradRule, get_grad_rule, register_grad_rule
 from .logit_transform import LogitTransform
 from .misuse import SinglePassMisuse, raise_pending
-from .segments import SegmentStats, log_fp16_once, log_split_once, plan_segments
+from .segments import SegmentStats, host_ints, log_fp16_once, log_split_once, plan_segments
 from .schedule import DEFAULT_WORKSPACE_BYTES, bytes_per_logit, default_chunk_size
 from .single_pass import single_pass_op, with_rule_gradient
 
@@ -59,22 +59,20 @@ def _over_segments(hidden, weight, bias, labels, rule, a, b, scale, softcap, chu
     device = hidden.device
     parts = []  # (rows or None for all, logp, neg_entropy, rule gradient)
     if plan.blocks:
-        rows = None if plan.single_rows is None else torch.tensor(plan.single_rows, device=device)
+        rows = None if plan.single_rows is None else host_ints(plan.single_rows, device)
         pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-        local = torch.tensor(plan.local, device=device)
+        local = host_ints(plan.local, device)
         bounds = [x for block in plan.blocks for x in block]
         logp, neg_entropy, grad, *_ = single_pass_op(
             pick(hidden), weight, bias, pick(labels), rule.name, pick(a), pick(b), scale, softcap, chunk_size, impl,
             *need, local, bounds)
         parts.append((rows, logp, neg_entropy, grad))
     if plan.long_rows:
-        rows = torch.tensor(plan.long_rows, device=device)
+        rows = host_ints(plan.long_rows, device)
         pick = lambda t: t.index_select(0, rows)  # noqa: E731
         logp, neg_entropy, _, _ = token_logprobs_op(pick(hidden), weight, bias, pick(labels), scale, softcap,
                                                     chunk_size, impl, need == (True, False, False))
-        segment = torch.tensor(plan.segment_of_row, device=device).index_select(0, rows)
-        _, segment = torch.unique_consecutive(segment, return_inverse=True)
-        stats = SegmentStats.of(logp.detach(), segment)
+        stats = SegmentStats.of(logp.detach(), host_ints(plan.long_segment, device))
         parts.append((rows, logp, neg_entropy, rule.evaluate(logp.detach(), pick(a), pick(b), stats).float()))
     if len(parts) == 1 and parts[0][0] is None:
         return parts[0][1:]
@@ -199,7 +197,8 @@ def token_logprobs(
     with torch.autocast(hidden.device.type, enabled=False):
         if rule is not None:
             a, b = (rows(t.reshape(-1)).float().detach() for t in grad_inputs)
-        single = rule is not None and torch.is_grad_enabled() and any(need)
+        # (no scored row: the plain op, whose empty output still connects the loss to the inputs)
+        single = rule is not None and torch.is_grad_enabled() and any(need) and row_index.shape[0] > 0
         if single and rule.over_segments and dtype == torch.float16:
             single = False  # (see `segments.HALF_PRECISION`)
             log_fp16_once(rule.name)
@@ -219,8 +218,7 @@ def token_logprobs(
             if rule is not None:
                 stats = None
                 if rule.over_segments:
-                    segment = torch.tensor(plan_segments(segment_lengths, chunk_size).segment_of_row,
-                                           device=logp_s.device)
+                    segment = host_ints(plan_segments(segment_lengths, chunk_size).segment_of_row, logp_s.device)
                     stats = SegmentStats.of(logp_s.detach(), segment)
                 rule_grad_s = rule.evaluate(logp_s.detach(), a, b, stats).float()
     extra = (rule_grad_s.detach(),) if rule is not None else (lse_s.detach(),) if return_lse else ()

@@ -36,6 +36,7 @@ class SegmentPlan:
     long_rows: list[int] | None
     local: list[int]
     segment_of_row: list[int]
+    long_segment: list[int]  # for each long row, its segment's number among the long segments
 
     @property
     def long_share(self) -> float:
@@ -50,6 +51,7 @@ def plan_segments(segment_lengths: list[int], chunk_size: int) -> SegmentPlan:
     row = kept = block_start = 0
     in_block = 0  # segments in the open block
     number = 0  # non-empty segments so far
+    long_segment, long_count = [], 0
     for length in (int(x) for x in segment_lengths):
         if length < 0:
             raise ValueError(f"segment lengths must be >= 0, got {length}")
@@ -59,6 +61,8 @@ def plan_segments(segment_lengths: list[int], chunk_size: int) -> SegmentPlan:
         number += 1
         if length > chunk_size:
             long_rows += range(row, row + length)
+            long_segment += [long_count] * length
+            long_count += 1
         else:
             if kept + length - block_start > chunk_size:
                 blocks.append((block_start, kept))
@@ -71,7 +75,16 @@ def plan_segments(segment_lengths: list[int], chunk_size: int) -> SegmentPlan:
     if kept > block_start:
         blocks.append((block_start, kept))
     every = not long_rows
-    return SegmentPlan(blocks, None if every else single, long_rows or None, local, segment_of_row)
+    return SegmentPlan(blocks, None if every else single, long_rows or None, local, segment_of_row, long_segment)
+
+
+def host_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of host integers on `device`, without waiting for the device: on CUDA through pinned
+    memory and an asynchronous copy (a copy from pageable memory would wait for all queued work)."""
+    tensor = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def log_split_once(plan: SegmentPlan, chunk_size: int) -> None:
