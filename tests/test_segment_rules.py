@@ -195,30 +195,18 @@ def test_training_loss_single_pass_equals_two_pass(setup, packed, chunk_size):  
     parameter gradients as the two-pass op, packed or not, with responses longer than a block or not."""
     from dataclasses import dataclass
 
-    from axolotl_bnf_plugin.data.collator import ResponseBatchCollator
+    from test_single_pass import check_single_pass_equals_two_pass
+
     from axolotl_bnf_plugin.methods.asft import ASFT
-    from axolotl_bnf_plugin.step_loss import LossSettings, batch_loss
 
     @dataclass(frozen=True)
     class TwoPassASFT(ASFT):
         grad_rule = None
 
     tokenizer, examples, model, _ = setup
-    collate = ResponseBatchCollator(tokenizer)
-    batch = collate([examples[:3], examples[3:]]) if packed else collate(examples)
-    results = []
-    for method in (ASFT(lam=0.8, beta=1.2, sft_weight=0.9), TwoPassASFT(lam=0.8, beta=1.2, sft_weight=0.9)):
-        model.zero_grad()
-        loss, metrics = batch_loss(model, batch, LossSettings(method, chunk_size=chunk_size), normalizer=7.0)
-        loss.backward()
-        results.append((loss.detach(), dict(metrics), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss1, m1, g1), (loss2, m2, g2) = results
-    torch.testing.assert_close(loss1, loss2, rtol=1e-6, atol=1e-7)
-    for name in m2:
-        torch.testing.assert_close(m1[name], m2[name], rtol=1e-6, atol=1e-7, msg=name)
-    for name in g2:
-        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-7, msg=name)
-    assert g1["lm_head.weight"].abs().max() > 0
+    hyper = dict(lam=0.8, beta=1.2, sft_weight=0.9)
+    check_single_pass_equals_two_pass(model, tokenizer, examples, packed, ASFT(**hyper), TwoPassASFT(**hyper),
+                                      chunk_size=chunk_size)
 
 
 def test_a_batch_with_no_scored_row_still_backpropagates():

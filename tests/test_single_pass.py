@@ -103,13 +103,20 @@ def test_no_grad_falls_back_to_the_plain_op():
 def test_training_loss_single_pass_equals_two_pass(setup, packed, length_norm):  # noqa: F811
     """`batch_loss` with the single-pass op: same loss, metrics and parameter gradients as the two-pass op."""
     tokenizer, examples, model, reference = setup
+    check_single_pass_equals_two_pass(model, tokenizer, examples, packed, BNF(length_norm=length_norm),
+                                      TwoPassBNF(length_norm=length_norm), reference=reference)
+
+
+def check_single_pass_equals_two_pass(model, tokenizer, examples, packed, single, two_pass, reference=None,
+                                      chunk_size=None):
+    """`batch_loss` of one collated batch under `single` and `two_pass` (the same method without its rule):
+    the same loss, metrics and parameter gradients."""
     collate = ResponseBatchCollator(tokenizer)
     batch = collate([examples[:3], examples[3:]]) if packed else collate(examples)
     results = []
-    for single_pass in (True, False):
+    for method in (single, two_pass):
         model.zero_grad()
-        method = BNF(length_norm=length_norm) if single_pass else TwoPassBNF(length_norm=length_norm)
-        settings = LossSettings(method)
+        settings = LossSettings(method, chunk_size=chunk_size)
         loss, metrics = batch_loss(model, batch, settings, reference=reference, normalizer=7.0)
         loss.backward()
         results.append((loss.detach(), dict(metrics), {n: p.grad.clone() for n, p in model.named_parameters()}))
