@@ -306,7 +306,7 @@ class BNFTrainer(AxolotlTrainer):
     def _get_num_items_in_batch(self, batch_samples, device):
         """n of the optimiser step: pairs + unpaired responses over all its micro-batches (and processes).
 
-        METHODS.md normalises the loss by the batch's n; the batch an update is computed from is the whole
+        docs/methods.md normalises the loss by the batch's n; the batch an update is computed from is the whole
         step, so micro-batch 1 x accumulation 4 and micro-batch 4 x accumulation 1 give the same update.
         """
         if not batch_samples or "pair_ids" not in batch_samples[0]:

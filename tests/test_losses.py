@@ -1,10 +1,10 @@
-"""BNF and ASFT losses against a naive, loop-by-loop transcription of METHODS.md.
+"""BNF and ASFT losses against a naive, loop-by-loop transcription of docs/methods.md.
 
 The reference implementations below deliberately do not share code with `axolotl_bnf_plugin.methods`:
 they walk rows and tokens in Python, build BNF's target distribution Q over the whole vocabulary from
 full logits, and compute everything in float64. The implementation is fed per-token log-probs derived
 from the same logits, so its gradient w.r.t. the logits can be compared with (a) the naive loss's
-autograd gradient and (b) the closed forms stated in METHODS.md.
+autograd gradient and (b) the closed forms stated in docs/methods.md.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from axolotl_bnf_plugin.methods.asft import asft_loss
 from axolotl_bnf_plugin.methods.bnf import bnf_loss
 
-EPS = 1e-6  # the two 1e-6 constants in METHODS.md's definition of q and c
+EPS = 1e-6  # the two 1e-6 constants in docs/methods.md's definition of q and c
 ASFT_LBAR_CAP = -1e-6  # documented in asft_loss: log(1 - pibar) is evaluated at min(lbar, -1e-6)
 
 PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -94,7 +94,7 @@ def token_inputs(z, labels, z_ref):
 
 
 # --------------------------------------------------------------------------------------------------
-# Naive transcriptions of METHODS.md
+# Naive transcriptions of docs/methods.md
 # --------------------------------------------------------------------------------------------------
 
 def naive_n(sign, pair_ids):
@@ -190,7 +190,7 @@ def naive_bnf(z_leaf, labels, z_ref, mask, sign, pair_ids, length_norm):
 def naive_asft_row_terms(z_leaf, labels, mask, i):
     """lbar_i (differentiable) for one row.
 
-    METHODS.md leaves lbar undefined for |y| = 0; the implementation's convention is that such a row adds
+    docs/methods.md leaves lbar undefined for |y| = 0; the implementation's convention is that such a row adds
     nothing to the loss and is left out of every metric (naive_asft skips it on count == 0). The layouts
     in LAYOUTS with more than two rows all contain one empty row.
     """
@@ -288,7 +288,7 @@ def test_bnf_matches_naive_transcription(layout, length_norm, seed):
     # The full-vocabulary cross-entropy against Q has the same gradient as the implementation.
     torch.testing.assert_close(z.grad, z_naive.grad, rtol=1e-4, atol=1e-7)
 
-    # ... and both equal METHODS.md's closed form (s_i m_t / (n N_i)) w_t (p - onehot(y)).
+    # ... and both equal docs/methods.md's closed form (s_i m_t / (n N_i)) w_t (p - onehot(y)).
     B, T, V = z.shape
     mask = b["mask"].double()
     lengths = mask.sum(1)
@@ -361,8 +361,8 @@ def test_asft_matches_naive_transcription(layout, lam, beta, c_sft):
     )
     torch.testing.assert_close(z.grad, z_naive.grad, rtol=1e-4, atol=1e-7)
 
-    # Closed form: dL/dz_t = (G_y / (n |y|)) m_t (onehot(y) - p), G_w / G_l from METHODS.md
-    # (METHODS.md's G is per pair; the batch loss is averaged over n).
+    # Closed form: dL/dz_t = (G_y / (n |y|)) m_t (onehot(y) - p), G_w / G_l from docs/methods.md
+    # (docs/methods.md's G is per pair; the batch loss is averaged over n).
     B, T, V = z.shape
     n = naive_n(b["sign"], b["pair_ids"])
     mask = b["mask"].double()

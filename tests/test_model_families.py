@@ -289,7 +289,7 @@ def test_axolotl_train(tiny_assets, tmp_path, family, method, adapter):
     else:
         # A random tiny model is near uniform (log p ~ -6 per token): ASFT's alignment term on a rejected response
         # then carries a weight of about its likelihood, so ten steps of ASFT are SFT on the chosen responses
-        # (METHODS.md), and what must move is the chosen likelihood (the margin, on the shared tokens, may not;
+        # (docs/methods.md), and what must move is the chosen likelihood (the margin, on the shared tokens, may not;
         # test_train_e2e checks it on the standard tiny model). Also the loss fell.
         assert chosen_1 > chosen_0 + 0.1, (chosen_0, rejected_0, chosen_1, rejected_1)
         assert train_logs[-1]["loss"] < train_logs[0]["loss"], (train_logs[0]["loss"], train_logs[-1]["loss"])

@@ -1,7 +1,7 @@
 """ASFT, Aligned Supervised Fine-Tuning (Wang et al., arXiv 2409.10571): its keys and math. Reference-free.
 
 Each response is scored by its length-normalised log-likelihood lbar; a preferred response adds an NLL
-term, and every response an alignment term on its log-odds r = log(pibar / (1 - pibar)) (METHODS.md). A token's
+term, and every response an alignment term on its log-odds r = log(pibar / (1 - pibar)) (docs/methods.md). A token's
 gradient depends on its whole response's lbar, so ASFT's gradient rule is over segments: the fused op's
 blocks hold whole responses and build the gradient in the forward, one logits pass.
 """

@@ -1,7 +1,7 @@
 """BNF, Bidirectional Negative Feedback (Mao et al., arXiv 2410.04834, ICLR 2025): its keys, math and rule.
 
 Per token, the target puts q = min(p_y / p_ref, 1) on the label and spreads the rest over the policy's own
-distribution; the loss is the signed cross-entropy against that target (METHODS.md). It needs the initial
+distribution; the loss is the signed cross-entropy against that target (docs/methods.md). It needs the initial
 policy's log-prob of every scored token (`ref_logp`). Its gradient w.r.t. a token's label log-prob is
 `token_scale * w(logp, ref_logp)`, with the per-response `token_scale` (`bnf_response_scale`) and
 |w| <= 1 (`bnf_token_weight`) both fixed before the forward, so the fused op can build it in the forward

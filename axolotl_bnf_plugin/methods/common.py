@@ -2,7 +2,7 @@
 
 A method's loss takes `[B, T]` per-token tensors (fp32) plus a `[B, T]` mask of scored tokens, a `[B]` sign
 (+1 preferred, -1 dispreferred) and an optional `[B]` pair id (the two rows of a pair share an id >= 0,
-unpaired rows carry -1), and returns `(loss, metrics)`. `metrics` maps METHODS.md names to detached scalar
+unpaired rows carry -1), and returns `(loss, metrics)`. `metrics` maps docs/methods.md names to detached scalar
 means, and `metrics.counts[name]` says how many items (rows, pairs or tokens) each mean is over, so a
 caller can combine micro-batches or processes exactly.
 
