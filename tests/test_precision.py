@@ -17,6 +17,7 @@ from test_single_pass import with_bnf
 
 from axolotl_bnf_plugin.callbacks import LOG_HISTORY_FILE
 from axolotl_bnf_plugin.kernels import token_logprobs, triton_available
+from axolotl_bnf_plugin.methods.asft import asft_grad_rule, asft_loss
 from axolotl_bnf_plugin.methods.bnf import BNF_GRAD_RULE, bnf_loss, bnf_response_scale
 from axolotl_bnf_plugin.numerics import NonFiniteStepError, StepGuard, StepGuardCallback
 
@@ -163,6 +164,64 @@ def test_single_pass_fp16_gradients_match_two_pass_under_loss_scaling(init_scale
         lambda h, w: token_logprobs(h, w, labels, impl="torch", chunk_size=256, grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, token_scale)),
         hidden, weight, loss_fn, init_scale)
     assert scale_two == scale_single == init_scale  # no inf / NaN found: the step was taken
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    for name, s, t, want in zip(("d hidden", "d weight"), single, two_pass, truth):
+        assert torch.isfinite(s).all(), name
+        assert rel(s, want) <= 1.25 * rel(t, want), (name, rel(s, want), rel(t, want))
+        assert rel(s, t) <= UNIT_ROUNDOFF[torch.float16], (name, rel(s, t))
+
+
+def _fp16_asft_case(lengths, n_pairs, H=32, V=4096):
+    """Inputs of a realistic ASFT micro-batch (fp16 values in fp32 masters), its loss and its rule's inputs."""
+    g = torch.Generator().manual_seed(1)
+    n_rows = sum(lengths)
+    hidden = torch.randn(n_rows, H, generator=g).half().float()
+    weight = (torch.randn(V, H, generator=g) * 1.5 / H**0.5).half().float()
+    labels = torch.randint(0, V, (n_rows,), generator=g)
+    sign = torch.tensor([1, -1] * (len(lengths) // 2))
+    pair_ids = torch.arange(len(lengths)) // 2
+    width = max(lengths)
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    per_token = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    grad_inputs = (sign.float()[per_token], torch.full((n_rows,), 1.0 / n_pairs))
+
+    def loss_fn(logp, neg_entropy):
+        rows = logp.new_zeros(len(lengths), width).masked_scatter(mask, logp)
+        return asft_loss(rows, mask, sign, pair_ids, normalizer=n_pairs)[0]
+
+    return hidden, weight, labels, grad_inputs, loss_fn
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("lengths", [[500, 500], [420, 60, 8, 300, 150, 30]], ids=["one-pair", "uneven"])
+def test_asft_single_pass_fp16_gradients_match_two_pass_under_loss_scaling(monkeypatch, impl, lengths):
+    """ASFT's rule has a loose a priori bound (its slope in a response's mean log-prob may be 1e6 times the
+    typical one), and its token gradient is (1/n) G(lbar) / |y| (~5e-5 for n = 64 pairs, |y| = 500). Scaled
+    by the bound's prescale, the d logits would sit ~2^-29 below their range and flush to zero in fp16. Each
+    block takes its own prescale instead: the single pass runs (no two-pass call) in fp16, with the fp64
+    gradient's accuracy of the two-pass op under a loss scaler. Blocks of 512 rows: several blocks with
+    different largest gradients, so the fp32 accumulators are rescaled between them."""
+    import axolotl_bnf_plugin.kernels as kernels
+
+    if impl == "triton" and not triton_available(torch.device("cpu")):
+        pytest.skip("Triton cannot run here")
+    hidden, weight, labels, grad_inputs, loss_fn = _fp16_asft_case(lengths, n_pairs=64)
+    rule = asft_grad_rule(1.0, 1.0, 1.0)
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    truth = torch.autograd.grad(loss_fn(*naive_token_logprobs(h64, w64, labels)), [h64, w64])
+    two_pass, scale_two = _scaled_fp16_grads(
+        lambda h, w: token_logprobs(h, w, labels, impl=impl, chunk_size=512), hidden, weight, loss_fn, 2.0**16)
+    two_pass_calls = []
+    real = kernels.token_logprobs_op
+    monkeypatch.setattr(kernels, "token_logprobs_op", lambda *args: two_pass_calls.append(1) or real(*args))
+    single, scale_single = _scaled_fp16_grads(
+        lambda h, w: token_logprobs(h, w, labels, impl=impl, chunk_size=512, grad_rule=rule, grad_inputs=grad_inputs,
+                                   segment_lengths=lengths), hidden, weight, loss_fn, 2.0**16)
+    assert two_pass_calls == []
+    assert scale_two == scale_single == 2.0**16  # no inf / NaN found: the step was taken
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()

@@ -22,7 +22,7 @@ from .chunked import IMPLS, token_logprobs_op
 from .grad_rules import GradRule, get_grad_rule, register_grad_rule
 from .logit_transform import LogitTransform
 from .misuse import SinglePassMisuse, raise_pending
-from .segments import SegmentStats, host_ints, log_fp16_once, log_split_once, plan_segments
+from .segments import SegmentStats, host_ints, log_split_once, plan_segments
 from .schedule import DEFAULT_WORKSPACE_BYTES, bytes_per_logit, default_chunk_size
 from .single_pass import single_pass_op, with_rule_gradient
 
@@ -199,9 +199,6 @@ def token_logprobs(
             a, b = (rows(t.reshape(-1)).float().detach() for t in grad_inputs)
         # (no scored row: the plain op, whose empty output still connects the loss to the inputs)
         single = rule is not None and torch.is_grad_enabled() and any(need) and row_index.shape[0] > 0
-        if single and rule.over_segments and dtype == torch.float16:
-            single = False  # (see `segments.HALF_PRECISION`)
-            log_fp16_once(rule.name)
         if single and rule.over_segments:
             logp_s, neg_entropy_s, rule_grad_s = _over_segments(
                 rows(hidden), weight, bias, scored, rule, a, b, scale, softcap, chunk_size, impl, need,

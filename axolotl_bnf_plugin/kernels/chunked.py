@@ -134,7 +134,8 @@ def scaled_gradient(saved: torch.Tensor, factor: torch.Tensor, dtype: torch.dtyp
     second backward with `retain_graph=True` finds it unchanged), and without an fp32 temporary of `saved`'s
     size: on CUDA one kernel reads `saved` and writes the result in `dtype`; on the CPU, whose kernels would
     cast through an fp32 temporary, an fp32 `saved` is scaled in place when the graph is freed."""
-    factor = factor.reshape(1)  # a 1-element tensor takes part in type promotion: fp32 arithmetic
+    # A 1-element tensor (or a per-row [N, 1] one) takes part in type promotion: fp32 arithmetic.
+    factor = factor.reshape(1) if factor.dim() == 0 else factor
     if not saved.is_cuda and saved.dtype == torch.float32 and _graph_is_freed():
         return saved.mul_(factor).to(dtype)
     return torch.mul(saved, factor, out=torch.empty(saved.shape, dtype=dtype, device=saved.device))
@@ -175,7 +176,14 @@ class GradBuffers:
         self.w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         self.b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
 
-    def add(self, dlogits: torch.Tensor, h_c: torch.Tensor, start: int, stop: int) -> None:
+    def add(self, dlogits: torch.Tensor, h_c: torch.Tensor, start: int, stop: int,
+            rescale: torch.Tensor | None = None) -> None:
+        """Write the chunk's d hidden and add its d weight / d bias; `rescale` (a device scalar) first
+        multiplies what the accumulators hold, when this chunk's d logits carry another factor."""
+        if rescale is not None:
+            for acc in (self.w, self.b):
+                if acc is not None:
+                    acc.mul_(rescale)
         if self.h is not None:
             torch.mm(dlogits, self.weight, out=self.h[start:stop])
         if self.w is not None:

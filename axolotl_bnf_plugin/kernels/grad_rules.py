@@ -89,6 +89,15 @@ def prescale(bound: torch.Tensor) -> torch.Tensor:
     return torch.exp2(-torch.ceil(torch.log2(largest)))
 
 
+def block_prescale(grad: torch.Tensor, current: torch.Tensor | None) -> torch.Tensor:
+    """The factor for a block whose gradients are `grad`: its own `prescale`, never above the factor in use
+    (`current`; None for the first block). A block of zeros keeps the factor in use. A device scalar."""
+    own = prescale(grad)
+    if current is None:
+        return own
+    return torch.minimum(own, current)
+
+
 def rounding_slack(rule: GradRule, logp: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    grad: torch.Tensor, stats=None) -> torch.Tensor:
     """Per row, how far `rule.grad` moves when its inputs move by `ROUNDING_ULPS` fp32 roundings.

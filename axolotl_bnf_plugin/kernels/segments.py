@@ -97,23 +97,6 @@ def log_split_once(plan: SegmentPlan, chunk_size: int) -> None:
                  "bnf_loss_chunk_size keeps more of them in one pass", chunk_size, 100 * plan.long_share)
 
 
-# fp16: the single pass builds d logits before any loss scale exists, lifted by a power of two from an a
-# priori bound of the rule (`grad_rules.prescale`). A response-level rule's bound is loose (ASFT's alignment
-# slope 1 / (1 - pibar) may reach 1e6 before its clamp), which would leave typical d logits below fp16's
-# range; until each block carries its own prescale, fp16 runs such a rule through the two-pass op, whose
-# d logits carry the loss-scaled upstream gradient. bf16 and fp32 share fp32's exponent range: unaffected.
-HALF_PRECISION = "fp16 runs rules over segments through the two-pass op"
-_LOGGED_FP16 = False
-
-
-def log_fp16_once(rule: str) -> None:
-    global _LOGGED_FP16
-    if not _LOGGED_FP16:
-        _LOGGED_FP16 = True
-        LOG.info("fused op: gradient rule %s in fp16: the two-pass op (logits again in backward) keeps its d logits "
-                 "in fp16's range; bf16 takes the single pass", rule)
-
-
 @dataclass(frozen=True)
 class SegmentStats:
     """Per row, statistics of the rows of its own segment: `total` (sum of the values), `count`, `mean`."""

@@ -21,6 +21,14 @@ zero. So the forward builds them for the rule's gradient times a power of two (`
 the rule's bound: largest |value| in (1/2, 1], exact in any dtype); d weight / d bias stay in their fp32
 accumulators and d hidden holds bounded values, and backward multiplies by (upstream factor / prescale),
 in fp32 arithmetic, writing the inputs' dtype.
+
+A rule over segments (ASFT's) has only a loose a priori bound: its slope in a response's mean log-prob is
+unknown until the block is reduced, and may be 1e6 times its typical value. In fp16 its blocks therefore
+take their own prescale, from the block's actual largest gradient (`block_prescale`): the factor in use only
+ever decreases along the pass, so each block's d logits are at least as far from underflow as under one
+ideal loss scale for the whole batch, and the fp32 d weight / d bias accumulators, rescaled by the (power
+of two, exact) ratio when it decreases, never grow past one block's worth. Each row's d hidden keeps the
+factor of its block (`row_prescale`). bf16 and fp32 share fp32's exponent range: one factor is enough.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ import torch
 from . import misuse
 from .chunked import GradBuffers, no_double_backward, on_device, row_ops, scaled_gradient
 from .fake import fake_grads, fake_rows
-from .grad_rules import get_grad_rule, prescale, rounding_slack
+from .grad_rules import block_prescale, get_grad_rule, prescale, rounding_slack
 from .logit_transform import LogitTransform
 from .segments import SegmentStats
 from .workspace import Workspace
@@ -56,33 +64,39 @@ def _forward(hidden, weight, bias, labels, rule_name, a, b, scale, softcap, chun
              need_b, segment=None, block_bounds=None):
     misuse.raise_pending()
     ops, transform, rule = row_ops(impl), LogitTransform(scale=scale, softcap=softcap), get_grad_rule(rule_name)
-    factor = prescale(rule.bound(a, b))
     n = labels.shape[0]
+    factor = prescale(rule.bound(a, b))  # the factor in use; per block below for a loose bound in fp16
+    per_block = rule.over_segments and hidden.dtype == torch.float16
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    neg_entropy, grad_logp = torch.empty_like(logp), torch.empty_like(logp)
+    neg_entropy, grad_logp, row_factor = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
     totals, counts = (torch.empty_like(logp), torch.empty_like(logp)) if rule.over_segments else (None, None)
     grads, workspace = GradBuffers(hidden, weight, need_h, need_w, need_b), Workspace()
     # Blocks of whole segments for a rule over segments (`segments.plan_segments`), else fixed-size chunks.
     bounds = (list(zip(block_bounds[0::2], block_bounds[1::2])) if block_bounds is not None else
               [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)])
-    for start, stop in bounds:
+    for k, (start, stop) in enumerate(bounds):
         h_c = hidden[start:stop]
         block = workspace.project(h_c, weight, bias)
+        previous = factor
 
-        def row_grad(logp_c, start=start, stop=stop):
+        def row_grad(logp_c, start=start, stop=stop, first=k == 0):
+            nonlocal factor
             stats = None
             if rule.over_segments:  # the block holds its segments whole: their statistics are final here
                 stats = SegmentStats.of(logp_c, segment[start:stop])
                 totals[start:stop], counts[start:stop] = stats.total, stats.count
             grad_logp[start:stop] = rule.evaluate(logp_c, a[start:stop], b[start:stop], stats)
+            if per_block:
+                factor = block_prescale(grad_logp[start:stop], None if first else factor)
+            row_factor[start:stop] = factor
             return grad_logp[start:stop] * factor
 
         logp[start:stop], neg_entropy[start:stop], _, dlogits = ops.rule_pass_(
             block, labels[start:stop], row_grad, transform, workspace)
-        grads.add(dlogits, h_c, start, stop)
+        grads.add(dlogits, h_c, start, stop, rescale=factor / previous if per_block and k else None)
     stats = SegmentStats(totals, counts) if rule.over_segments else None
     slack = rounding_slack(rule, logp, a, b, grad_logp, stats)
-    return (logp, neg_entropy, grad_logp, slack, factor, *grads.result(keep_fp32=True))
+    return (logp, neg_entropy, grad_logp, slack, row_factor, factor, *grads.result(keep_fp32=True))
 
 
 def forward(*args):
@@ -109,10 +123,11 @@ def single_pass_op(
     segment: Optional[torch.Tensor] = None,
     block_bounds: Optional[list[int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
-    """(logp, neg_entropy, predicted d loss / d logp, its rounding slack, prescale, d hidden, d weight, d bias)
-    for all-scored rows, by the registered gradient rule `rule` with per-row inputs `a`, `b`; the gradients
-    are for the predicted one times `prescale`, d weight / d bias in fp32. For a rule over segments,
+           torch.Tensor, torch.Tensor]:
+    """(logp, neg_entropy, predicted d loss / d logp, its rounding slack, row prescale, weight prescale,
+    d hidden, d weight, d bias) for all-scored rows, by the registered gradient rule `rule` with per-row
+    inputs `a`, `b`; the gradients are for the predicted one times a power of two: each row's d hidden times
+    its row prescale `[N]`, d weight / d bias (fp32) times the weight prescale `[]`. For a rule over segments,
     `segment` numbers each row's segment within its block and `block_bounds` (start, stop, start, ...) are
     blocks of whole segments."""
     return forward(hidden, weight, bias, labels, rule, a, b, scale, softcap, chunk_size, impl, need_h, need_w,
@@ -122,7 +137,7 @@ def single_pass_op(
 @single_pass_op.register_fake
 def _(hidden, weight, bias, labels, rule, a, b, scale, softcap, chunk_size, impl, need_h, need_w, need_b,
       segment=None, block_bounds=None):
-    return (*fake_rows(hidden, labels, 4), hidden.new_empty((), dtype=torch.float32),
+    return (*fake_rows(hidden, labels, 5), hidden.new_empty((), dtype=torch.float32),
             *fake_grads(hidden, weight, need_h, need_w, need_b, weight_dtype=torch.float32))
 
 
@@ -175,14 +190,14 @@ def _backward(ctx, grad_logp, *_unused):
     misuse.raise_pending()
     if grad_logp is None:
         return (None,) * 16
-    predicted, slack, factor_in_forward, grad_h, grad_w, grad_b = ctx.saved_tensors
+    predicted, slack, row_factor, weight_factor, grad_h, grad_w, grad_b = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     with on_device(predicted):
         # fp32: a 2^16 loss scale is itself out of fp16's range.
-        factor = upstream_factor(grad_logp, predicted, slack, ctx.rule) / factor_in_forward
-        return (scaled_gradient(grad_h, factor, grad_h.dtype) if need_h else None,
-                scaled_gradient(grad_w, factor, ctx.weight_dtype) if need_w else None,
-                scaled_gradient(grad_b, factor, ctx.weight_dtype) if need_b and ctx.has_bias else None,
+        factor = upstream_factor(grad_logp, predicted, slack, ctx.rule)
+        return (scaled_gradient(grad_h, (factor / row_factor)[:, None], grad_h.dtype) if need_h else None,
+                scaled_gradient(grad_w, factor / weight_factor, ctx.weight_dtype) if need_w else None,
+                scaled_gradient(grad_b, factor / weight_factor, ctx.weight_dtype) if need_b and ctx.has_bias else None,
                 None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
