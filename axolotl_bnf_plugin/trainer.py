@@ -19,6 +19,7 @@ from .callbacks import OnTrainBegin
 from .data.collator import NORMALIZER_UNITS, REF_LOGPS, ResponseBatchCollator, leading_examples
 from .initial_policy import DisabledAdapter, live_reference  # noqa: F401 (DisabledAdapter: public)
 from .kernels import raise_pending, resolve_impl
+from .kernels.segments import SPLIT
 from .methods import batch_normalizer
 from .metric_sums import MetricSums
 from .model_io import (head_shape, keep_head_gathered_through_backward, local_bytes, resharded_after_each_forward,
@@ -37,6 +38,9 @@ for _module in (initial_policy, numerics, reference):
 # Metrics the trainer itself logs at every training log, whatever the method (the method's own come from
 # its loss). "examples_seen" is read back from the log history when a run resumes; the name before 0.2 too.
 SKIPPED_STEPS, EXAMPLES_SEEN = "skipped_steps", "examples_seen"
+# A rule over whole responses (ASFT's): the share of the run's scored rows whose response was longer than a
+# block of the fused op and took its two-pass op (logits again in backward).
+TWO_PASS_SHARE = "fused/two_pass_share"
 _EXAMPLES_SEEN_BEFORE = "bnf/examples_seen"
 
 
@@ -350,6 +354,7 @@ class BNFTrainer(AxolotlTrainer):
         """Once the engine has prepared the model: the DeepSpeed step guard, and the scoring passes that needed
         the prepared model."""
         self._guard_deepspeed_step()
+        SPLIT.reset()
         if self.is_fsdp_enabled and keep_head_gathered_through_backward(self.model):
             LOG.info("FSDP2: the root unit and the unit holding the output embedding stay gathered from their "
                      "forward to their backward (the head gathered once per forward, for the model and the fused op)")
@@ -448,6 +453,14 @@ class BNFTrainer(AxolotlTrainer):
         tokens = getattr(self.state, "tokens", None) or {"trainable": torch.zeros(1), "total": torch.zeros(1)}
         self.state.tokens = {"trainable": tokens["trainable"] + counts[0], "total": tokens["total"] + counts[1]}
 
+    def _two_pass_share(self) -> dict[str, float]:
+        """`fused/two_pass_share` over the run so far, all processes' rows together (nothing before a row)."""
+        counts = torch.tensor([SPLIT.single, SPLIT.two_pass], dtype=torch.long, device=self.accelerator.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        single, two_pass = counts.tolist()
+        return {TWO_PASS_SHARE: round(two_pass / (single + two_pass), 6)} if single + two_pass else {}
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Eval loss and metrics of the batch's real examples; `eval_loss` is then logged from the plugin's
         own sums (the loss over the eval set, each batch weighted by its n), like every other eval metric."""
@@ -507,6 +520,8 @@ class BNFTrainer(AxolotlTrainer):
             self._flush_token_counts()
             logs[SKIPPED_STEPS] = self.guard.skipped
             logs[EXAMPLES_SEEN] = self._count_examples_seen()
+            if getattr(self.method.grad_rule, "over_segments", False):  # the same on every process
+                logs.update(self._two_pass_share())
             logs.update(self.phase_memory.metrics())
             if self._preflight:
                 logs.update(self._preflight)

@@ -1,4 +1,5 @@
-"""bf16 on a CUDA GPU: the fused log-prob op and BNF's single pass against an fp64 reference, and the op's memory.
+"""bf16 on a CUDA GPU: the fused log-prob op and BNF's and ASFT's single passes against an fp64 reference (ASFT in
+fp16 too), and the op's memory.
 
 Skipped without CUDA. Both implementations ("triton" and "torch") run on the same bf16 inputs, and each result
 is compared with `log_softmax(hidden.double() @ weight.double().T)` (plus bias, scale and soft-cap) computed
@@ -230,6 +231,62 @@ def test_bnf_single_pass_matches_two_pass_and_fp64(impl, transform, chunk):
     torch.testing.assert_close(single[0], truth[0], rtol=1e-2, atol=1e-2)
     for name, got, other, ref in zip(("d_hidden", "d_weight", "d_bias"), single[1], two_pass[1], truth[1]):
         assert got.dtype == DTYPE and torch.isfinite(got).all(), name
+        for what, err in (("vs fp64", rel_err(got, ref)), ("two-pass vs fp64", rel_err(other, ref)),
+                          ("vs two-pass", rel_err(got, other))):
+            assert err < GRAD_RTOL, f"{name} {what}: relative error {err:.3e}"
+
+
+# ASFT: six responses of uneven length (three pairs), every position scored; the first is longer than a
+# block of 256 rows, so with chunk 256 its rows take the two-pass op and the others the single pass.
+ASFT_LENGTHS, ASFT_H, ASFT_V = [300, 180, 40, 250, 90, 140], 512, 32000
+
+
+@pytest.mark.parametrize("chunk", [None, 256], ids=["all-fit", "one-long"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_asft_single_pass_matches_two_pass_and_fp64(impl, dtype, chunk):
+    """ASFT's rule over whole responses: one logits pass for every response that fits a block, in bf16 and in
+    fp16 (each block its own prescale), the same gradients as the two-pass op and as fp64 autograd."""
+    from axolotl_bnf_plugin.kernels import with_rule_gradient
+    from axolotl_bnf_plugin.methods.asft import asft_grad_rule, asft_loss
+
+    lengths, n = ASFT_LENGTHS, sum(ASFT_LENGTHS)
+    hidden, weight, bias, labels, _ = make_inputs(n, ASFT_H, ASFT_V, seed=7, bias=True, ignored_frac=0.0)
+    labels[-1] = 3  # every row scored: the segments are the responses
+    hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
+    mask = torch.arange(max(lengths), device=DEVICE)[None, :] < torch.tensor(lengths, device=DEVICE)[:, None]
+    sign = torch.tensor([1, -1] * 3, device=DEVICE)
+    pair_ids = torch.arange(6, device=DEVICE) // 2
+    per_token = torch.repeat_interleave(torch.arange(6, device=DEVICE), torch.tensor(lengths, device=DEVICE))
+    rule = asft_grad_rule(1.0, 1.0, 1.0)
+    upstream = 2.0**12 if dtype == torch.float16 else 3.5  # an fp16 loss scale, or any constant
+
+    def loss_and_grads(logps, leaves, rule_grad=None):
+        logp = logps[0].float()
+        rows = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+        loss, _ = asft_loss(rows, mask, sign, pair_ids)
+        if rule_grad is not None:
+            loss = with_rule_gradient(loss, logp, rule_grad)
+        grads = torch.autograd.grad(upstream * loss, leaves)
+        torch.cuda.synchronize()
+        return loss.detach().double(), grads  # all scaled alike: the relative errors below are unaffected
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    out = token_logprobs(*leaves[:2], labels, bias=leaves[2], chunk_size=chunk, impl=impl, grad_rule=rule,
+                         grad_inputs=(sign.float()[per_token], torch.full((n,), 1 / 3, device=DEVICE)),
+                         segment_lengths=lengths)
+    single = loss_and_grads(out, leaves, rule_grad=out[2])
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    two_pass = loss_and_grads(token_logprobs(*leaves[:2], labels, bias=leaves[2], chunk_size=chunk, impl=impl),
+                              leaves)
+    leaves64 = fp64_leaves(hidden, weight, bias)
+    truth = loss_and_grads(naive_fp64(*leaves64, labels), leaves64)
+
+    assert torch.isfinite(single[0]) and abs(single[0].item()) > 0
+    torch.testing.assert_close(single[0], two_pass[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(single[0], truth[0], rtol=1e-2, atol=1e-2)
+    for name, got, other, ref in zip(("d_hidden", "d_weight", "d_bias"), single[1], two_pass[1], truth[1]):
+        assert got.dtype == dtype and torch.isfinite(got).all(), name
         for what, err in (("vs fp64", rel_err(got, ref)), ("two-pass vs fp64", rel_err(other, ref)),
                           ("vs two-pass", rel_err(got, other))):
             assert err < GRAD_RTOL, f"{name} {what}: relative error {err:.3e}"

@@ -422,6 +422,33 @@ def test_axolotl_token_metrics_are_logged(tiny_assets, tmp_path):
     assert all(r["train_tokens_per_second"] > 0 for r in steps)
 
 
+def test_asft_logs_the_run_s_share_of_rows_in_the_two_pass_op(tiny_assets, tmp_path):
+    """ASFT's responses longer than a block of the fused op take its two-pass op: `fused/two_pass_share` is
+    their share of all scored rows over the run. With the block at the median response length, over one
+    epoch it is the share the prepared data gives, counted here from the data, not from the op."""
+    from datasets import load_from_disk
+
+    rows = [json.loads(r) for r in (tiny_assets / "pairs_intel.jsonl").read_text().splitlines()[:16]]
+    for i, row in enumerate(rows):  # responses of 1 to 8 times their length
+        row["chosen"], row["rejected"] = " ".join([row["chosen"]] * (1 + i % 8)), " ".join([row["rejected"]] * (1 + i // 2))
+    data = write_jsonl(tmp_path / "pairs16.jsonl", rows)
+    cfg = base_config(tiny_assets, tmp_path, "asft", max_steps=4,
+                      datasets=[{"path": str(data), "ds_type": "json", "type": "chatml.intel"}])
+    run_axolotl("preprocess", cfg, tmp_path)
+    prepared = [p.parent for p in (tmp_path / "prepared").rglob("dataset_info.json")]
+    train = load_from_disk(str(prepared[0]))
+    lengths = [len(ids) - max(plen, 1) for ids_list, plens in zip(train["response_input_ids"], train["response_prompt_len"])
+               for ids, plen in zip(ids_list, plens)]
+    chunk = sorted(lengths)[len(lengths) // 2]
+    expected = sum(n for n in lengths if n > chunk) / sum(lengths)
+    assert 0 < expected < 1
+    run_axolotl("train", {**cfg, "bnf_loss_chunk_size": chunk}, tmp_path)
+    steps = [r for r in history(tmp_path / "run") if "loss" in r]
+    assert len(steps) == 4 and steps[-1]["epoch"] == pytest.approx(1.0)
+    assert steps[-1]["fused/two_pass_share"] == pytest.approx(expected, abs=1e-6)
+    assert all(0 < r["fused/two_pass_share"] < 1 for r in steps)
+
+
 # ----------------------------------------------------------------------------------- merge-lora
 @torch.no_grad()
 def full_logit_logps(model, tokenizer, rows: list[dict]) -> torch.Tensor:

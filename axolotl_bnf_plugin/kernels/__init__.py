@@ -22,7 +22,7 @@ from .chunked import IMPLS, token_logprobs_op
 from .grad_rules import GradRule, get_grad_rule, register_grad_rule
 from .logit_transform import LogitTransform
 from .misuse import SinglePassMisuse, raise_pending
-from .segments import SegmentStats, host_ints, log_split_once, plan_segments
+from .segments import SPLIT, SegmentStats, host_ints, plan_segments, record_split
 from .schedule import DEFAULT_WORKSPACE_BYTES, bytes_per_logit, default_chunk_size
 from .single_pass import single_pass_op, with_rule_gradient
 
@@ -55,7 +55,7 @@ def _over_segments(hidden, weight, bias, labels, rule, a, b, scale, softcap, chu
     """(logp, neg_entropy, rule gradient) of a rule over segments: the segments that fit a block in the
     single pass, each block holding whole segments; those longer than a block in the two-pass op, their
     rule gradient from their whole rows' statistics (they get it in backward, as any upstream gradient)."""
-    log_split_once(plan, chunk_size)
+    record_split(plan, chunk_size)
     device = hidden.device
     parts = []  # (rows or None for all, logp, neg_entropy, rule gradient)
     if plan.blocks:

@@ -87,14 +87,35 @@ def host_ints(values: list[int], device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def log_split_once(plan: SegmentPlan, chunk_size: int) -> None:
-    """Say once per process that responses longer than a block take the two-pass op, and their share."""
+@dataclass
+class SplitCounts:
+    """Scored rows that rules over segments trained on in this process since the last `reset`: in the
+    single pass, and in the two-pass op (their response longer than a block). The trainer logs the share
+    over the run (`fused/two_pass_share`)."""
+
+    single: int = 0
+    two_pass: int = 0
+
+    def reset(self) -> None:
+        self.single = self.two_pass = 0
+
+
+SPLIT = SplitCounts()
+
+
+def record_split(plan: SegmentPlan, chunk_size: int) -> None:
+    """Count the plan's rows in `SPLIT`, and say once per process that responses longer than a block take
+    the two-pass op, with their share of this first batch."""
     global _LOGGED_SPLIT
+    long_rows = len(plan.long_rows or ())
+    SPLIT.two_pass += long_rows
+    SPLIT.single += len(plan.segment_of_row) - long_rows
     if plan.long_rows and not _LOGGED_SPLIT:
         _LOGGED_SPLIT = True
         LOG.info("fused op: responses longer than a block of %d rows take the two-pass op (logits again in "
-                 "backward): %.1f%% of this batch's scored rows; the others take the single pass. A larger "
-                 "bnf_loss_chunk_size keeps more of them in one pass", chunk_size, 100 * plan.long_share)
+                 "backward): %.1f%% of this batch's scored rows (over the run: fused/two_pass_share); the others "
+                 "take the single pass. A larger bnf_loss_chunk_size keeps more of them in one pass", chunk_size,
+                 100 * plan.long_share)
 
 
 @dataclass(frozen=True)
