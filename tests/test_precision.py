@@ -174,14 +174,14 @@ def test_single_pass_fp16_gradients_match_two_pass_under_loss_scaling(init_scale
         assert rel(s, t) <= UNIT_ROUNDOFF[torch.float16], (name, rel(s, t))
 
 
-def _fp16_asft_case(lengths, n_pairs, H=32, V=4096):
+def _fp16_asft_case(lengths, n_pairs, first=1, H=32, V=4096):
     """Inputs of a realistic ASFT micro-batch (fp16 values in fp32 masters), its loss and its rule's inputs."""
     g = torch.Generator().manual_seed(1)
     n_rows = sum(lengths)
     hidden = torch.randn(n_rows, H, generator=g).half().float()
     weight = (torch.randn(V, H, generator=g) * 1.5 / H**0.5).half().float()
     labels = torch.randint(0, V, (n_rows,), generator=g)
-    sign = torch.tensor([1, -1] * (len(lengths) // 2))
+    sign = torch.tensor([first, -first] * (len(lengths) // 2))
     pair_ids = torch.arange(len(lengths)) // 2
     width = max(lengths)
     mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
@@ -192,23 +192,26 @@ def _fp16_asft_case(lengths, n_pairs, H=32, V=4096):
         rows = logp.new_zeros(len(lengths), width).masked_scatter(mask, logp)
         return asft_loss(rows, mask, sign, pair_ids, normalizer=n_pairs)[0]
 
-    return hidden, weight, labels, grad_inputs, loss_fn
+    starts = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    return hidden, weight, labels, grad_inputs, loss_fn, starts
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("first", [1, -1], ids=["chosen-first", "rejected-first"])
 @pytest.mark.parametrize("lengths", [[500, 500], [420, 60, 8, 300, 150, 30]], ids=["one-pair", "uneven"])
-def test_asft_single_pass_fp16_gradients_match_two_pass_under_loss_scaling(monkeypatch, impl, lengths):
+def test_asft_single_pass_fp16_gradients_match_two_pass_under_loss_scaling(monkeypatch, impl, lengths, first):
     """ASFT's rule has a loose a priori bound (its slope in a response's mean log-prob may be 1e6 times the
     typical one), and its token gradient is (1/n) G(lbar) / |y| (~5e-5 for n = 64 pairs, |y| = 500). Scaled
     by the bound's prescale, the d logits would sit ~2^-29 below their range and flush to zero in fp16. Each
     block takes its own prescale instead: the single pass runs (no two-pass call) in fp16, with the fp64
     gradient's accuracy of the two-pass op under a loss scaler. Blocks of 512 rows: several blocks with
-    different largest gradients, so the fp32 accumulators are rescaled between them."""
+    different largest gradients (a rejected response's are far smaller than its chosen one's), in either
+    order, so the fp32 accumulators are rescaled between them; d hidden is checked per response."""
     import axolotl_bnf_plugin.kernels as kernels
 
     if impl == "triton" and not triton_available(torch.device("cpu")):
         pytest.skip("Triton cannot run here")
-    hidden, weight, labels, grad_inputs, loss_fn = _fp16_asft_case(lengths, n_pairs=64)
+    hidden, weight, labels, grad_inputs, loss_fn, starts = _fp16_asft_case(lengths, n_pairs=64, first=first)
     rule = asft_grad_rule(1.0, 1.0, 1.0)
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     truth = torch.autograd.grad(loss_fn(*naive_token_logprobs(h64, w64, labels)), [h64, w64])
@@ -230,6 +233,9 @@ def test_asft_single_pass_fp16_gradients_match_two_pass_under_loss_scaling(monke
         assert torch.isfinite(s).all(), name
         assert rel(s, want) <= 1.25 * rel(t, want), (name, rel(s, want), rel(t, want))
         assert rel(s, t) <= UNIT_ROUNDOFF[torch.float16], (name, rel(s, t))
+    for i, (a, b) in enumerate(zip(starts, starts[1:])):  # each response's own rows: none lost to underflow
+        s, t, want = single[0][a:b], two_pass[0][a:b], truth[0][a:b]
+        assert rel(s, want) <= 1.25 * rel(t, want) + UNIT_ROUNDOFF[torch.float16] / 4, (i, rel(s, want), rel(t, want))
 
 
 # --------------------------------------------------------------------------------------------------

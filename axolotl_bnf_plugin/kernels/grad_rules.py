@@ -89,13 +89,26 @@ def prescale(bound: torch.Tensor) -> torch.Tensor:
     return torch.exp2(-torch.ceil(torch.log2(largest)))
 
 
-def block_prescale(grad: torch.Tensor, current: torch.Tensor | None) -> torch.Tensor:
-    """The factor for a block whose gradients are `grad`: its own `prescale`, never above the factor in use
-    (`current`; None for the first block). A block of zeros keeps the factor in use. A device scalar."""
-    own = prescale(grad)
+# How far above the smallest factor of a pass a block's own factor may go: the fp32 accumulators, rescaled to
+# the factor in use, then hold every earlier block's contribution times at most this much (no overflow).
+BLOCK_PRESCALE_RANGE = 2.0**64
+# A block's largest d logit in fp16, as a power of two: 2^8, not 1, so that the rows of a block whose
+# gradients are 1e4 times smaller than its largest (a long rejected response beside a short chosen one) stay
+# above fp16's subnormals as under a loss scaler. d hidden = d logits @ W then stays within 2 * 2^8 * max|W|
+# per element, far inside fp16's range.
+BLOCK_HEADROOM = 2.0**8
+
+
+def block_prescale(grad: torch.Tensor, current: torch.Tensor | None, smallest: torch.Tensor | None) -> torch.Tensor:
+    """The factor for a block whose gradients are `grad`: its own `prescale` times `BLOCK_HEADROOM`, at most `BLOCK_PRESCALE_RANGE`
+    times the smallest factor used so far; a block of zeros keeps the factor in use (`current`; None for the
+    first block). A device scalar; a non-finite gradient gives a non-finite or zero factor, hence non-finite
+    gradients."""
+    own = prescale(grad) * BLOCK_HEADROOM
     if current is None:
         return own
-    return torch.minimum(own, current)
+    own = torch.where(grad.float().abs().amax() > 0, own, current)
+    return torch.minimum(own, smallest * BLOCK_PRESCALE_RANGE)
 
 
 def rounding_slack(rule: GradRule, logp: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

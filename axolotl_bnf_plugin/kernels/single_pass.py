@@ -24,11 +24,12 @@ in fp32 arithmetic, writing the inputs' dtype.
 
 A rule over segments (ASFT's) has only a loose a priori bound: its slope in a response's mean log-prob is
 unknown until the block is reduced, and may be 1e6 times its typical value. In fp16 its blocks therefore
-take their own prescale, from the block's actual largest gradient (`block_prescale`): the factor in use only
-ever decreases along the pass, so each block's d logits are at least as far from underflow as under one
-ideal loss scale for the whole batch, and the fp32 d weight / d bias accumulators, rescaled by the (power
-of two, exact) ratio when it decreases, never grow past one block's worth. Each row's d hidden keeps the
-factor of its block (`row_prescale`). bf16 and fp32 share fp32's exponent range: one factor is enough.
+take their own prescale, from the block's actual largest gradient (`block_prescale`), so a response whose
+gradients are far smaller than another's keeps its own range, whatever the order of the blocks. The fp32
+d weight / d bias accumulators are multiplied by the (power of two, exact) ratio whenever the factor
+changes; a block's factor stays within 2^64 of the smallest one of the pass, which bounds what the
+rescaled accumulators can hold. Each row's d hidden keeps the factor of its block (the op's row factor).
+bf16 and fp32 share fp32's exponent range: one factor is enough.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def _forward(hidden, weight, bias, labels, rule_name, a, b, scale, softcap, chun
     n = labels.shape[0]
     factor = prescale(rule.bound(a, b))  # the factor in use; per block below for a loose bound in fp16
     per_block = rule.over_segments and hidden.dtype == torch.float16
+    smallest = factor
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     neg_entropy, grad_logp, row_factor = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
     totals, counts = (torch.empty_like(logp), torch.empty_like(logp)) if rule.over_segments else (None, None)
@@ -80,14 +82,15 @@ def _forward(hidden, weight, bias, labels, rule_name, a, b, scale, softcap, chun
         previous = factor
 
         def row_grad(logp_c, start=start, stop=stop, first=k == 0):
-            nonlocal factor
+            nonlocal factor, smallest
             stats = None
             if rule.over_segments:  # the block holds its segments whole: their statistics are final here
                 stats = SegmentStats.of(logp_c, segment[start:stop])
                 totals[start:stop], counts[start:stop] = stats.total, stats.count
             grad_logp[start:stop] = rule.evaluate(logp_c, a[start:stop], b[start:stop], stats)
             if per_block:
-                factor = block_prescale(grad_logp[start:stop], None if first else factor)
+                factor = block_prescale(grad_logp[start:stop], None if first else factor, smallest)
+                smallest = factor if first else torch.minimum(smallest, factor)
             row_factor[start:stop] = factor
             return grad_logp[start:stop] * factor
 
