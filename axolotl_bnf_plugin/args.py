@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .methods import all_options, method_class, method_names
 
 # Config-only keys: the raw dataset entries the loader reads from the config, not from the training arguments.
-CONFIG_ONLY = ("bnf_datasets", "bnf_test_datasets")
+CONFIG_ONLY = ("bnf_datasets", "bnf_test_datasets", "bnf_verifiers", "bnf_verifier_datasets", "bnf_verifier_size",
+               "bnf_verifier_max_new_tokens", "bnf_verifier_samples", "bnf_verifier_temperature",
+               "bnf_retention_datasets", "bnf_retention_size")
 
 
 class PluginArgs(BaseModel):
@@ -95,6 +97,38 @@ class PluginArgs(BaseModel):
             "test_datasets (or of datasets when there is none)."
         },
     )
+    bnf_verifiers: list[str] | None = Field(
+        default=None,
+        json_schema_extra={
+            "description": "Verifier functions (`module.function`, called like Axolotl's GRPO reward functions: "
+            "prompts, completions and the row's other columns in, one float per completion out). At the start of "
+            "training, at every evaluation and at the end, greedy completions of bnf_verifier_size held-out "
+            "prompts are scored by each and logged as eval_verifier/*. Works under any rl:."
+        },
+    )
+    bnf_verifier_datasets: list[dict[str, Any]] | None = Field(
+        default=None,
+        json_schema_extra={"description": "Data set entries (as under datasets:) whose prompts the verifiers "
+                           "evaluate; default: test_datasets."},
+    )
+    bnf_verifier_size: int = Field(default=64, ge=1, json_schema_extra={
+        "description": "Held-out prompts the verifier evaluation generates for (the first usable rows)."})
+    bnf_verifier_max_new_tokens: int = Field(default=256, ge=1, json_schema_extra={
+        "description": "Longest completion generated for the verifier evaluation, in tokens."})
+    bnf_verifier_samples: int = Field(default=0, ge=0, json_schema_extra={
+        "description": "Also draw this many sampled completions per prompt (eval_verifier/*_sampled, *_pass_at_n)."})
+    bnf_verifier_temperature: float = Field(default=1.0, gt=0, json_schema_extra={
+        "description": "Sampling temperature of bnf_verifier_samples."})
+    bnf_retention_datasets: list[dict[str, Any]] | None = Field(
+        default=None,
+        json_schema_extra={
+            "description": "Held-out data set entries (an SFT set through type: bnf.sft, or pairs: the preferred "
+            "responses) whose mean per-token log-prob under the policy is logged at the start, at every evaluation "
+            "and at the end, against its start value (eval_retention/*). Works under any rl:."
+        },
+    )
+    bnf_retention_size: int = Field(default=256, ge=1, json_schema_extra={
+        "description": "Rows of bnf_retention_datasets scored (the first usable ones)."})
     bnf_datasets: list[dict[str, Any]] | None = Field(
         default=None, json_schema_extra={"description": "Verbatim copy of `datasets:` kept by the plugin."}
     )

@@ -209,7 +209,7 @@ def translate_raw_config(cfg: dict) -> str | None:
     """
     rl = cfg.get("rl")
     if not isinstance(rl, str) or rl.strip().lower() not in method_names():
-        if cfg.get("bnf_compare_probe"):  # the probe reads the data set entries under any trainer
+        if cfg.get("bnf_compare_probe") or cfg.get("bnf_verifiers"):  # read the data set entries under any trainer
             _keep_dataset_entries(cfg)
         return cfg.get("bnf_rl")
     method = rl.strip().lower()

@@ -106,5 +106,9 @@ class BNFPlugin(BasePlugin):
             from .compare.callback import LikelihoodProbe
 
             callbacks.append(LikelihoodProbe(cfg, trainer))
+        if cfg.bnf_verifiers or cfg.bnf_retention_datasets:  # any trainer, as the probe
+            from .evaluation.callback import ModelEvaluation
+
+            callbacks.append(ModelEvaluation(cfg, trainer))
         return callbacks
 

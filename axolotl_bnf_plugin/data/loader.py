@@ -280,6 +280,35 @@ def prepare_examples(cfg, tokenizer, raw_datasets: list[dict], split: str) -> Da
     return _prepare_split(cfg, tokenizer, raw_datasets, split)[0]
 
 
+def examples_with_rows(cfg, tokenizer, raw_datasets: list[dict], split: str, limit: int) -> list[tuple[dict, dict]]:
+    """The first `limit` usable rows of `raw_datasets` (verbatim config entries), each as (example row, raw row):
+    the example as training would tokenize it (same `type:`, template and length policy, never packed) and the
+    data set's own row, whose columns the verifier evaluation hands to the user's functions."""
+    policy = LengthPolicy(cfg.sequence_len, cfg.excess_length_strategy, packing=False)
+    out: list[tuple[dict, dict]] = []
+    for idx, ds_cfg in enumerate(raw_datasets):
+        label = f"{'datasets' if split == 'train' else 'test_datasets'}[{idx}] ({ds_cfg.get('path')})"
+        if is_local_json(ds_cfg):
+            rows, _ = read_json_rows(ds_cfg["path"])
+            columns = sorted({key for _, row in rows for key in row})
+            sample = [row for _, row in rows[:SAMPLE_ROWS]]
+        else:  # read row by row: only as far as `limit` usable rows
+            raw = _load_raw(ds_cfg, cfg)
+            rows, columns = ((i, raw[i]) for i in range(len(raw))), list(raw.column_names)
+            sample = [raw[i] for i in range(min(len(raw), SAMPLE_ROWS))]
+        if not sample:
+            continue
+        to_candidate, _, _ = candidate_function(cfg, raw_datasets, idx, tokenizer, columns, label, sample)
+        converter = RowConverter(to_candidate, tokenizer, _chat_template(cfg, ds_cfg, tokenizer), policy, label, columns)
+        for source, row in rows:
+            example = converter(row, source)
+            if example[STATUS] in KEPT:
+                out.append((example, row))
+                if len(out) == limit:
+                    return out
+    return out
+
+
 def format_report(report: list[tuple]) -> str:
     """A fixed-width table (one line per data set, one column per status), then, for every reason rows
     were dropped, where: `datasets[0] (a.jsonl): too long: lines 4, 9, 17 (+3 more)`.
