@@ -367,14 +367,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--displacement", action="store_true",
                         help="build the likelihood-displacement toy instead (compare/toy.py): near-identical "
                              "math solutions, an SFT-warmed model and a compare.yml for axolotl_bnf_plugin.compare")
-    parser.add_argument("--warmup-steps", type=int, default=150, help="--displacement: SFT steps before saving")
-    parser.add_argument("--max-steps", type=int, default=60, help="--displacement: max_steps of compare.yml")
+    parser.add_argument("--sort-task", action="store_true",
+                        help="build the verifiable sorting task instead (compare/sort_task.py): a model warmed up "
+                             "below mastery, verifier-labelled pairs of its own answers, held-out prompts, a "
+                             "retention set, and compare_sort.yml with the task's verifier")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="SFT steps before saving (--displacement: 150, --sort-task: 320)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="max_steps of the comparison config (--displacement: 60, --sort-task: 64)")
     args = parser.parse_args(argv)
+    if args.sort_task:
+        from .compare.sort_task import build_sort_task
+
+        print(build_sort_task(args.out_dir, seed=args.seed, warmup_steps=args.warmup_steps or 320,
+                              max_steps=args.max_steps or 64))
+        return
     if args.displacement:
         from .compare.toy import build_displacement_assets
 
         print(build_displacement_assets(args.out_dir, n_rows=args.rows if args.rows != 64 else 128, seed=args.seed,
-                                        warmup_steps=args.warmup_steps, max_steps=args.max_steps))
+                                        warmup_steps=args.warmup_steps or 150, max_steps=args.max_steps or 60))
         return
     print(build_assets(args.out_dir, n_rows=args.rows, seed=args.seed))
 

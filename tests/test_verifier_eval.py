@@ -54,7 +54,21 @@ def test_a_raising_verifier_costs_only_the_completions_it_fails_on():
     wrong_length = call_verifier(lambda prompts, completions, **kw: [1.0], ["p"] * 2, ["c"] * 2, {})
     assert wrong_length.values == [1.0, 1.0] and wrong_length.errors == 0  # retried one by one: one score each
     nan = call_verifier(lambda prompts, completions, **kw: [float("nan")] * len(completions), ["p"], ["c"], {})
-    assert nan.values == [None] and nan.errors == 1
+    assert nan.values == [None] and nan.errors == 0  # NaN: not applicable, as TRL reads it
+
+
+def test_prompts_and_completions_take_trl_s_forms():
+    """A row's own `prompt` column is passed as is (text, or messages with completions as assistant messages,
+    as TRL's GRPO trainer does); rows without one get the rendered prompt the model saw."""
+    from axolotl_bnf_plugin.evaluation.callback import ModelEvaluation
+
+    evaluation = object.__new__(ModelEvaluation)
+    chat = [{"role": "user", "content": "sort 3 1"}]
+    evaluation.columns = {"prompt": ["plain text", chat, None]}
+    evaluation.prompt_texts = ["<rendered 0>", "<rendered 1>", "<rendered 2>"]
+    prompts, completions = evaluation._as_trl([0, 1, 2], ["a", "b", "c"])
+    assert prompts == ["plain text", chat, "<rendered 2>"]
+    assert completions == ["a", [{"role": "assistant", "content": "b"}], "c"]
 
 
 def _config(tiny_assets: Path, out: Path, method: str) -> dict:
@@ -118,7 +132,7 @@ def test_logged_scores_equal_an_independent_evaluation_of_the_checkpoints(tiny_a
 
     from transformers import AutoTokenizer
 
-    cfg = _config(tiny_assets, tmp_path, method)
+    cfg = {**_config(tiny_assets, tmp_path, method), "bnf_verifier_samples": 2, "bnf_verifier_temperature": 0.7}
     if method == "dpo":
         cfg["rl_beta"] = 0.1
     run_axolotl("train", cfg, tmp_path)
@@ -144,17 +158,39 @@ def test_logged_scores_equal_an_independent_evaluation_of_the_checkpoints(tiny_a
         odd = sum(len(r["question"]) % 2 for r in rows)
         assert 0 < odd < PROMPTS
         assert got["eval_verifier/flaky_errors"] == odd and got["eval_verifier/flaky"] == 1.0
+        assert got["eval_verifier/flaky_sampled_errors"] == 2 * odd and got["eval_verifier/flaky_unscored"] == 0
         assert got["eval_verifier/completion_tokens"] > 0 and got["eval_verifier/seconds"] > 0
+        # two samples per prompt: their mean, and the share of prompts with a sample that passes
+        samples = [json.loads(line) for line in (run / "verifier_completions.jsonl").read_text().splitlines()
+                   if json.loads(line)["step"] == step]
+        assert all(len(r["samples"]) == 2 for r in samples)
+        flags = [[float(bool(t.strip())) for t in r["samples"]] for r in samples]
+        assert got["eval_verifier/nonempty_sampled"] == pytest.approx(sum(map(sum, flags)) / (2 * PROMPTS))
+        assert got["eval_verifier/nonempty_pass_at_n"] == pytest.approx(sum(max(f) for f in flags) / PROMPTS)
         assert got["eval_retention/logp"] == pytest.approx(want["retention"], abs=1e-4)
         assert got["eval_retention/change"] == pytest.approx(want["retention"] - records[0]["eval_retention/logp"],
                                                              abs=1e-4)
     assert records[0]["eval_retention/change"] == 0.0
     assert records[4]["eval_retention/change"] != 0.0  # training moved the held-out likelihood
+    # The trainer's own logs are intact: a training record at every step (logging_steps 1), the evaluation
+    # steps included, carrying the method's own metrics, none of which went into the verifier records.
+    logged = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    train = [r for r in logged if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all("rewards/chosen" in r for r in train)
+    assert not any("rewards/chosen" in r for r in logged if "eval_verifier/overlap" in r)
     sys.modules.pop("verifiers_under_test", None)
-    history = [json.loads(line) for line in (run / "bnf_log_history.jsonl").read_text().splitlines()] \
-        if (run / "bnf_log_history.jsonl").exists() else []
     if method == "bnf":
+        history = [json.loads(line) for line in (run / "bnf_log_history.jsonl").read_text().splitlines()]
         assert [r["step"] for r in history if "eval_verifier/overlap" in r] == [0, 2, 4]
+        # Sampling ran on a forked random state: the same run without any evaluation trains identically.
+        plain = {k: v for k, v in cfg.items() if not k.startswith(("bnf_verifier", "bnf_retention"))}
+        plain.update(output_dir=str(tmp_path / "plain"), save_strategy="no")
+        plain.pop("save_steps")
+        run_axolotl("train", plain, tmp_path / "plain_run")
+        plain_losses = [json.loads(line).get("loss") for line in (tmp_path / "plain" / "bnf_log_history.jsonl")
+                        .read_text().splitlines()]
+        assert [x for x in plain_losses if x is not None] == [r["loss"] for r in history if "loss" in r]
 
 
 def test_two_processes_split_the_prompts_and_give_the_one_process_numbers(tiny_assets, tmp_path):

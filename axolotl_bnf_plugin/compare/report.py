@@ -4,7 +4,9 @@ Reads `<output_dir>/<method>/probe_log.jsonl` (written by `callback.LikelihoodPr
 `<output_dir>`: `compare_table.md` and `compare_table.json` (one row per method, the values of its last probe
 scoring and its run summary), `compare_likelihood.png` (per-token log-prob change of chosen and rejected
 responses, and the fraction of chosen responses that went down) and `compare_logits.png` (the label logit
-z_y against the log-partition log Z, for chosen and for rejected tokens). Nothing here trains.
+z_y against the log-partition log Z, for chosen and for rejected tokens). Runs with verifiers or a retention
+set (`evaluation_log.jsonl`) add their start and end scores and the retention change to the table, and
+`compare_evaluation.png` (score and retention against the step, one line per method). Nothing here trains.
 """
 from __future__ import annotations
 
@@ -14,10 +16,15 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ..evaluation.callback import EVALUATION_LOG_FILE, RETENTION, VERIFIER
 from .probe import PROBE_LOG_FILE
 
 TABLE_MD, TABLE_JSON = "compare_table.md", "compare_table.json"
-LIKELIHOOD_PNG, LOGITS_PNG = "compare_likelihood.png", "compare_logits.png"
+LIKELIHOOD_PNG, LOGITS_PNG, EVALUATION_PNG = "compare_likelihood.png", "compare_logits.png", "compare_evaluation.png"
+# Verifier metrics that are not a function's own mean score.
+_NOT_SCORES = ("completion_tokens", "truncated", "seconds")
+_SCORE_SUFFIXES = ("_pass_rate", "_errors", "_unscored", "_sampled", "_pass_at_n")
+RETENTION_CHANGE = RETENTION + "change"
 # (column title, key in a table row, format)
 COLUMNS = (
     ("method", "method", "{}"),
@@ -56,14 +63,58 @@ def read_probe_log(run_dir: str | Path) -> tuple[dict, list[dict], dict]:
     return header, [by_step[s] for s in sorted(by_step)], summary
 
 
+def read_evaluation_log(run_dir: str | Path) -> list[dict]:
+    """The run's verifier / retention records (`evaluation.callback`) by step, later duplicates winning; [] when
+    the run had neither."""
+    path = Path(run_dir) / EVALUATION_LOG_FILE
+    if not path.exists():
+        return []
+    by_step = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def verifier_scores(records: list[dict]) -> list[str]:
+    """The metric names of the verifier functions' mean scores, in order."""
+    names = []
+    for record in records:
+        for key in record:
+            name = key[len(VERIFIER):]
+            if (key.startswith(VERIFIER) and name not in _NOT_SCORES and not name.endswith(_SCORE_SUFFIXES)
+                    and key not in names):
+                names.append(key)
+    return names
+
+
 def table_rows(output_dir: str | Path, methods: list[str]) -> list[dict]:
-    """One row per method: its last probe record, its summary, the probe's source and size."""
+    """One row per method: its last probe record, its summary, the probe's source and size, and with
+    verifiers / retention their values at the start and at the last evaluation."""
     rows = []
     for method in methods:
         header, records, summary = read_probe_log(Path(output_dir) / method)
-        rows.append({"method": method, "step": records[-1]["step"], **header, **records[-1],
-                     **{k: v for k, v in summary.items() if k != "summary"}})
+        row = {"method": method, "step": records[-1]["step"], **header, **records[-1],
+               **{k: v for k, v in summary.items() if k != "summary"}}
+        evaluations = read_evaluation_log(Path(output_dir) / method)
+        if evaluations:
+            for key in verifier_scores(evaluations):
+                row[key + " start"], row[key + " end"] = evaluations[0].get(key), evaluations[-1].get(key)
+            row[RETENTION_CHANGE] = evaluations[-1].get(RETENTION_CHANGE)
+        rows.append(row)
     return rows
+
+
+def _columns(rows: list[dict]) -> tuple:
+    """COLUMNS, with each verifier's start and end score and the retention change when the runs have them."""
+    extra = []
+    for key in dict.fromkeys(k[:-len(" end")] for row in rows for k in row if k.startswith(VERIFIER) and k.endswith(" end")):
+        name = key[len(VERIFIER):]
+        extra += [(f"{name} start", key + " start", "{:.3f}"), (f"{name} end", key + " end", "{:.3f}")]
+    if any(RETENTION_CHANGE in row for row in rows):
+        extra.append(("retention change", RETENTION_CHANGE, "{:+.4f}"))
+    return COLUMNS[:1] + tuple(extra) + COLUMNS[1:]
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -75,10 +126,11 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """The table as Markdown, with a line saying what the probe was."""
-    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |",
-             "|" + "|".join(" --- " for _ in COLUMNS) + "|"]
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |",
+             "|" + "|".join(" --- " for _ in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row, key, fmt) for _, key, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row, key, fmt) for _, key, fmt in columns) + " |")
     first = rows[0] if rows else {}
     memory = first.get("peak_memory_kind", "?")
     note = (f"\nProbe: {first.get('pairs', '?')} pairs from `{first.get('probe_source', '?')}:`, scored at step "
@@ -87,6 +139,10 @@ def format_table(rows: list[dict]) -> str:
             "policy beats the rejected one's; own eval acc.: the trainer's eval_rewards/accuracies (each "
             f"method's own definition; '-' without evaluation). Peak memory: {memory}. s / step: train_runtime "
             "minus the probe's scoring time, over the steps.")
+    if len(columns) > len(COLUMNS):
+        note += (" Verifier start / end: mean score of the greedy completions of held-out prompts with the initial "
+                 "policy and at the last evaluation; retention change: the held-out set's mean per-token log-prob "
+                 "then minus at the start (nats).")
     return "\n".join(lines) + "\n" + note + "\n"
 
 
@@ -141,8 +197,28 @@ def plot_logits(runs: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
+def plot_evaluation(runs: dict[str, list[dict]], path: Path) -> Path:
+    """One panel per verifier function (its mean score) and one for the retention change, against the step."""
+    keys = verifier_scores([r for records in runs.values() for r in records])
+    retention = any(RETENTION_CHANGE in r for records in runs.values() for r in records)
+    fig, axes = _figure(len(keys) + int(retention))
+    colors = _colors(runs)
+    for ax, key in zip(axes, keys + ([RETENTION_CHANGE] if retention else [])):
+        for method, records in runs.items():
+            _plot(ax, records, key, method, colors[method], "-")
+        if key == RETENTION_CHANGE:
+            ax.axhline(0, color="grey", linewidth=0.8)
+            ax.set(title="retention: held-out log-likelihood change", xlabel="step", ylabel="mean per-token d log p")
+        else:
+            ax.set(title=f"verifier {key[len(VERIFIER):]}: held-out greedy completions", xlabel="step",
+                   ylabel="mean score")
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=90)
+    return path
+
+
 def write_report(output_dir: str | Path, methods: list[str]) -> tuple[str, list[Path]]:
-    """Write the table (Markdown and JSON) and both figures under `output_dir`; return (table, paths)."""
+    """Write the table (Markdown and JSON) and the figures under `output_dir`; return (table, paths)."""
     out = Path(output_dir)
     rows = table_rows(out, methods)
     table = format_table(rows)
@@ -151,4 +227,7 @@ def write_report(output_dir: str | Path, methods: list[str]) -> tuple[str, list[
     runs = {method: read_probe_log(out / method)[1] for method in methods}
     paths = [out / TABLE_MD, out / TABLE_JSON, plot_likelihood(runs, out / LIKELIHOOD_PNG),
              plot_logits(runs, out / LOGITS_PNG)]
+    evaluations = {method: read_evaluation_log(out / method) for method in methods}
+    if any(evaluations.values()):
+        paths.append(plot_evaluation(evaluations, out / EVALUATION_PNG))
     return table, paths

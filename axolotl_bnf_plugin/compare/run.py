@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .configs import CompareConfigError, derive_configs, known_methods
+from .configs import CompareConfigError, check_methods, derive_configs, known_methods
 
 DEFAULT_METHODS = ("dpo", "bnf", "asft")
 
@@ -67,23 +67,44 @@ def run_method(method: str, cfg: dict, config_dir: Path, log_dir: Path) -> float
     return seconds
 
 
-def compare(config_path: str | Path, methods: list[str], probe_size: int | None = None,
-            report_only: bool = False) -> str:
-    """Derive, train (unless `report_only`) and report; returns the table."""
+def _compare_one(cfg: dict, methods: list[str], probe_size: int | None, report_only: bool, path: str) -> str:
     from .report import write_report
 
-    cfg = read_config(config_path)
-    configs = derive_configs(cfg, methods, probe_size, path=str(config_path))
+    configs = derive_configs(cfg, methods, probe_size, path=path)
     out = Path(cfg["output_dir"])
     config_dir = out / "compare_configs"
     config_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("sample_packing"):
-        print("[compare] sample_packing is off for every run: Axolotl refuses it with rl: dpo and its family",
-              flush=True)
     if not report_only:
         for method, method_cfg in configs.items():
             run_method(method, method_cfg, config_dir, config_dir)
     table, paths = write_report(out, list(configs))
+    print(table)
+    print("[compare] wrote " + ", ".join(str(p) for p in paths), flush=True)
+    return table
+
+
+def compare(config_path: str | Path, methods: list[str], probe_size: int | None = None,
+            report_only: bool = False, learning_rates: list[float] | None = None,
+            seeds: list[int] | None = None) -> str:
+    """Derive, train (unless `report_only`) and report; returns the table. With `learning_rates` and / or
+    `seeds`, one comparison per (learning rate, seed) and their mean and spread (`sweep`)."""
+    from .sweep import cell_config, write_sweep_report
+
+    cfg = read_config(config_path)
+    derive_configs(cfg, methods, probe_size, path=str(config_path))  # refuse a bad config before any run
+    if cfg.get("sample_packing"):
+        print("[compare] sample_packing is off for every run: Axolotl refuses it with rl: dpo and its family",
+              flush=True)
+    if not learning_rates and not seeds:
+        return _compare_one(cfg, methods, probe_size, report_only, str(config_path))
+    learning_rates = learning_rates or [float(cfg.get("learning_rate"))]
+    seeds = seeds if seeds else [int(cfg.get("seed") or 0)]
+    methods = check_methods(methods)
+    for lr in learning_rates:
+        for seed in seeds:
+            print(f"[compare] learning rate {lr:g}, seed {seed}", flush=True)
+            _compare_one(cell_config(cfg, lr, seed), methods, probe_size, report_only, str(config_path))
+    table, paths = write_sweep_report(cfg["output_dir"], methods, learning_rates, seeds)
     print(table)
     print("[compare] wrote " + ", ".join(str(p) for p in paths), flush=True)
     return table
@@ -97,11 +118,16 @@ def main(argv: list[str] | None = None) -> int:
                              f"known: {', '.join(known_methods())}")
     parser.add_argument("--probe-size", type=int, default=None,
                         help="probe pairs (bnf_compare_probe_size; default: the config's, else 64)")
+    parser.add_argument("--learning-rates", nargs="+", type=float, default=None,
+                        help="run the comparison at each of these learning rates (with --seeds: every pair) and "
+                             "report mean and spread over the seeds")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="run the comparison with each of these seeds and report mean and spread")
     parser.add_argument("--report-only", action="store_true",
                         help="do not train: rebuild the table and figures from the runs already in output_dir")
     args = parser.parse_args(argv)
     try:
-        compare(args.config, args.methods, args.probe_size, args.report_only)
+        compare(args.config, args.methods, args.probe_size, args.report_only, args.learning_rates, args.seeds)
     except (CompareConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ import os
 import time
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .generate import end_of_turn_ids, generate_batch
 from .retention import retention_logp
@@ -114,7 +114,7 @@ class ModelEvaluation(TrainerCallback):
         per_process, batch = math.ceil(len(self.prompts) / world), max(1, args.per_device_eval_batch_size)
         padded = own + [own[0] if own else 0] * (per_process - len(own))  # equal batches everywhere; copies dropped
         samples = int(self.cfg.get("bnf_verifier_samples") or 0)
-        options = dict(pad_id=self.pad_id, stop_ids=self.stop_ids, synced=world > 1,
+        options = dict(pad_id=self.pad_id, stop_ids=self.stop_ids, synced=world > 1, device=args.device,
                        max_new_tokens=int(self.cfg.get("bnf_verifier_max_new_tokens") or 256))
         records = []
         for b, start in enumerate(range(0, per_process, batch)):
@@ -138,20 +138,30 @@ class ModelEvaluation(TrainerCallback):
         items = [(r, c) for r in records for c in ([r["greedy"]] if key == "greedy" else r["samples"])]
         if not items:
             return
-        prompts = [self.prompt_texts[r["index"]] for r, _ in items]
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for _, c in items]
-        columns = {k: [v[r["index"]] for r, _ in items] for k, v in self.columns.items()}
+        prompts, completions = self._as_trl([r["index"] for r, _ in items], texts)
+        columns = {k: [v[r["index"]] for r, _ in items] for k, v in self.columns.items() if k != "prompt"}
+        columns.update(completion_ids=[list(c) for _, c in items], trainer_state=self.trainer.state)
         for name, function in self.verifiers:
-            scores = call_verifier(function, prompts, texts, columns)
+            scores = call_verifier(function, prompts, completions, columns)
             for (record, _), value in zip(items, scores.values):
                 record.setdefault(f"{key}_scores", {}).setdefault(name, []).append(value)
-            for record in records:
-                record.setdefault("errors", {}).setdefault(name, 0)
+            counts = records[0].setdefault(f"{key}_errors", {})
+            counts[name] = counts.get(name, 0) + scores.errors
             if scores.errors:
-                records[0]["errors"][name] += scores.errors
-                records[0].setdefault("error_messages", {})[name] = scores.error_messages[:3]
+                records[0].setdefault("error_messages", {}).setdefault(name, scores.error_messages[:1])
         for (record, _), text in zip(items, texts):
             record.setdefault(f"{key}_texts", []).append(text)
+
+    def _as_trl(self, indices: list[int], texts: list[str]) -> tuple[list, list]:
+        """(prompts, completions) as TRL's GRPO trainer gives them to reward functions: the row's own `prompt`
+        column when it has one (a string, or a message list: conversational data, whose completions are then
+        `[{"role": "assistant", "content": text}]`), else the rendered prompt the model saw, and text."""
+        raw = self.columns.get("prompt")
+        prompts = [raw[i] if raw is not None and raw[i] is not None else self.prompt_texts[i] for i in indices]
+        conversational = [isinstance(p, list) for p in prompts]
+        completions = [[{"role": "assistant", "content": t}] if chat else t for t, chat in zip(texts, conversational)]
+        return prompts, completions
 
     def _verify(self, args, state, model) -> tuple[dict, list[dict]]:
         records = self._generate_own(args, state, model)
@@ -164,23 +174,25 @@ class ModelEvaluation(TrainerCallback):
         for name, _ in self.verifiers:
             scores = [s for r in records for s in r.get("greedy_scores", {}).get(name, [])]
             scored = [s for s in scores if s is not None]
-            errors = sum(r.get("errors", {}).get(name, 0) for r in records)
+            errors = sum(r.get("greedy_errors", {}).get(name, 0) for r in records)
             metrics[VERIFIER + name] = _mean(scored)
             if _binary(scored):
                 metrics[VERIFIER + name + "_pass_rate"] = _mean(scored)
             metrics[VERIFIER + name + "_errors"] = errors
-            metrics[VERIFIER + name + "_unscored"] = len(scores) - len(scored)
+            metrics[VERIFIER + name + "_unscored"] = len(scores) - len(scored) - errors
             sampled = [[s for s in r.get("samples_scores", {}).get(name, []) if s is not None] for r in records]
             flat = [s for per in sampled for s in per]
             if any(r["samples"] for r in records):
                 metrics[VERIFIER + name + "_sampled"] = _mean(flat)
+                metrics[VERIFIER + name + "_sampled_errors"] = sum(r.get("samples_errors", {}).get(name, 0)
+                                                                   for r in records)
                 if _binary(flat):
                     metrics[VERIFIER + name + "_pass_at_n"] = _mean([float(any(s == 1.0 for s in per)) for per in sampled])
             messages = [m for r in records for m in r.get("error_messages", {}).get(name, [])]
             if messages and name not in self.warned:
                 self.warned.add(name)
-                LOG.warning("verifier %s failed on %d completion(s), counted in %s%s_errors; first: %s", name, errors,
-                            VERIFIER, name, messages[0])
+                LOG.warning("verifier %s failed on a completion (counted in %s%s_errors / _sampled_errors, not "
+                            "scored); first: %s", name, VERIFIER, name, messages[0])
         return metrics, records
 
     # --------------------------------------------------------------------------------- retention
@@ -211,12 +223,29 @@ class ModelEvaluation(TrainerCallback):
                                          "scores": {k: v[0] for k, v in r.get("greedy_scores", {}).items()},
                                          "samples": r.get("samples_texts", []),
                                          "sample_scores": r.get("samples_scores", {})}) + "\n" for r in records)
-        self.trainer.log(dict(metrics))
+        # transformers' own `log` (a trainer subclass's would fold its windowed training metrics into this
+        # record: TRL's DPO trainer does), and the Trainer's own logging decision for this step kept: its
+        # callbacks' `on_log` clears `should_log`, which would drop the step's training log.
+        should_log = self.trainer.control.should_log
+        Trainer.log(self.trainer, dict(metrics))
+        self.trainer.control.should_log = should_log
 
     # --------------------------------------------------------------------------------- Trainer events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._setup(model)
         os.makedirs(args.output_dir, exist_ok=True)
+        if state.is_world_process_zero:  # a fresh run starts its files; a resumed one keeps its steps so far
+            for name in (EVALUATION_LOG_FILE, COMPLETIONS_FILE):
+                path = os.path.join(args.output_dir, name)
+                kept = []
+                if state.global_step > 0 and os.path.exists(path):
+                    with open(path, encoding="utf-8") as f:
+                        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= state.global_step]
+                with open(path, "w", encoding="utf-8") as f:
+                    f.writelines(kept)
+        if self.verifiers and str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no":
+            LOG.warning("bnf_verifiers: this run does not evaluate (no eval set, or eval_strategy: no): the verifiers "
+                        "score the start and the end of training only")
         baseline = os.path.join(args.output_dir, BASELINE_FILE)
         if state.global_step > 0 and os.path.exists(baseline):  # resumed: the start is the first run's
             with open(baseline, encoding="utf-8") as f:

@@ -40,14 +40,16 @@ def cut_at_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
 
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], *, pad_id: int, stop_ids: list[int], max_new_tokens: int,
-                   samples: int = 0, temperature: float = 1.0, synced: bool = False) -> list[list[list[int]]]:
+                   device, samples: int = 0, temperature: float = 1.0, synced: bool = False) -> list[list[list[int]]]:
     """Per prompt: its completions' token ids, greedy (`samples=0`: one) or `samples` drawn at `temperature`.
 
     `synced`: every process keeps stepping until all have finished (a sharded model's forwards are
-    collective), as `generate(synced_gpus=True)` does.
+    collective), as `generate(synced_gpus=True)` does. `device`: the process's own (the Trainer's
+    `args.device`), where a sharded model's collectives run, also when its parameters are offloaded.
+    Sampling and the length are set here; the model's `generation_config` supplies the rest (a repetition
+    penalty, say), as when it is deployed.
     """
     width = max(len(p) for p in prompts)
-    device = next(model.parameters()).device
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     attention_mask = torch.zeros_like(input_ids)
     for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts

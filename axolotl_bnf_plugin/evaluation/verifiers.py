@@ -1,10 +1,13 @@
 """The user's verifier functions: loaded by name, called with Axolotl's GRPO reward-function convention.
 
 A verifier is `module.function` (the module importable from the working directory, as for `trl.reward_funcs`)
-called as `function(prompts=[...], completions=[...], **columns)`: the prompts as the model saw them (the
-rendered chat prompt, text), the generated completions (text, special tokens removed), and each other column
-of the data set's rows as a list of the same length. It returns one float per completion; `None` means the
-verifier does not apply to that completion (left out of its mean, counted as unscored).
+called as TRL's GRPO trainer calls reward functions: `function(prompts=[...], completions=[...],
+completion_ids=[...], trainer_state=..., **columns)`. `prompts` are the rows' own `prompt` column when they
+have one (text, or a message list for conversational data, whose completions then come as
+`[{"role": "assistant", "content": text}]`), else the rendered prompt the model saw; completions are the
+generated text (special tokens removed); every other column of the rows comes as a list of the same length.
+It returns one float per completion; `None` (or NaN) means the verifier does not apply to that completion
+(left out of its mean, counted as unscored).
 
 A verifier that raises, or returns something else than one number (or None) per completion, costs the
 completions it was called on, never the run: the batch is retried one completion at a time, and each
@@ -73,9 +76,7 @@ def _checked(result, count: int) -> list[float | None]:
             out.append(None)
             continue
         number = float(value)  # a tensor or numpy scalar too; anything else raises
-        if math.isnan(number):
-            raise ValueError("returned NaN")
-        out.append(number)
+        out.append(None if math.isnan(number) else number)  # NaN: not applicable, as TRL reads it
     return out
 
 
@@ -84,7 +85,7 @@ def call_verifier(function: Callable, prompts: list[str], completions: list[str]
     extra = {k: v for k, v in columns.items() if k not in ("prompts", "completions")}
 
     def call(rows: slice) -> list[float | None]:
-        part = {k: v[rows] for k, v in extra.items()}
+        part = {k: v[rows] if isinstance(v, list) else v for k, v in extra.items()}  # columns; trainer_state as is
         return _checked(function(prompts=prompts[rows], completions=completions[rows], **part),
                         len(completions[rows]))
 
