@@ -134,6 +134,19 @@ def _scaled_fp16_grads(score, hidden, weight, loss_fn, init_scale):
     return grads, scaler.get_scale()
 
 
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _check_single_pass_fp16(single, two_pass, truth):
+    """The single pass's (d hidden, d weight) under a loss scaler: finite, as close to fp64 as the two-pass op's
+    (x 1.25), and within fp16's unit roundoff of them (relative norm)."""
+    for name, s, t, want in zip(("d hidden", "d weight"), single, two_pass, truth):
+        assert torch.isfinite(s).all(), name
+        assert _rel(s, want) <= 1.25 * _rel(t, want), (name, _rel(s, want), _rel(t, want))
+        assert _rel(s, t) <= UNIT_ROUNDOFF[torch.float16], (name, _rel(s, t))
+
+
 @pytest.mark.parametrize("init_scale", [2.0**15, 2.0**16])
 def test_single_pass_fp16_gradients_match_two_pass_under_loss_scaling(init_scale):
     """A realistic BNF token gradient, 1 / (n * N_i) with n = 64 pairs and N_i = 500 tokens (~3e-5), times
@@ -164,14 +177,7 @@ def test_single_pass_fp16_gradients_match_two_pass_under_loss_scaling(init_scale
         lambda h, w: token_logprobs(h, w, labels, impl="torch", chunk_size=256, grad_rule=BNF_GRAD_RULE, grad_inputs=(ref, token_scale)),
         hidden, weight, loss_fn, init_scale)
     assert scale_two == scale_single == init_scale  # no inf / NaN found: the step was taken
-
-    def rel(a, b):
-        return ((a - b).norm() / b.norm()).item()
-
-    for name, s, t, want in zip(("d hidden", "d weight"), single, two_pass, truth):
-        assert torch.isfinite(s).all(), name
-        assert rel(s, want) <= 1.25 * rel(t, want), (name, rel(s, want), rel(t, want))
-        assert rel(s, t) <= UNIT_ROUNDOFF[torch.float16], (name, rel(s, t))
+    _check_single_pass_fp16(single, two_pass, truth)
 
 
 def _fp16_asft_case(lengths, n_pairs, first=1, H=32, V=4096):
@@ -225,17 +231,10 @@ def test_asft_single_pass_fp16_gradients_match_two_pass_under_loss_scaling(monke
                                    segment_lengths=lengths), hidden, weight, loss_fn, 2.0**16)
     assert two_pass_calls == []
     assert scale_two == scale_single == 2.0**16  # no inf / NaN found: the step was taken
-
-    def rel(a, b):
-        return ((a - b).norm() / b.norm()).item()
-
-    for name, s, t, want in zip(("d hidden", "d weight"), single, two_pass, truth):
-        assert torch.isfinite(s).all(), name
-        assert rel(s, want) <= 1.25 * rel(t, want), (name, rel(s, want), rel(t, want))
-        assert rel(s, t) <= UNIT_ROUNDOFF[torch.float16], (name, rel(s, t))
+    _check_single_pass_fp16(single, two_pass, truth)
     for i, (a, b) in enumerate(zip(starts, starts[1:])):  # each response's own rows: none lost to underflow
         s, t, want = single[0][a:b], two_pass[0][a:b], truth[0][a:b]
-        assert rel(s, want) <= 1.25 * rel(t, want) + UNIT_ROUNDOFF[torch.float16] / 4, (i, rel(s, want), rel(t, want))
+        assert _rel(s, want) <= 1.25 * _rel(t, want) + UNIT_ROUNDOFF[torch.float16] / 4, (i, _rel(s, want), _rel(t, want))
 
 
 # --------------------------------------------------------------------------------------------------
