@@ -97,12 +97,12 @@ def test_compare_sweep_end_to_end_on_the_sort_task(sort_task, tmp_path):
     path = tmp_path / "compare.yml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **AXOLOTL_ENV}
-    proc = subprocess.run([sys.executable, "-m", "axolotl_bnf_plugin.compare", str(path), "--methods", "dpo", "bnf",
+    proc = subprocess.run([sys.executable, "-m", "axolotl_bnf_plugin.compare", str(path), "--methods", "bnf",
                            "--seeds", "0", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = tmp_path / "out"
     rows = json.loads((out / "compare_sweep.json").read_text())
-    assert [r["method"] for r in rows] == ["dpo", "bnf"]
+    assert [r["method"] for r in rows] == ["bnf"]
     for row in rows:
         cells = [[json.loads(line) for line in (out / cell_name(cfg["learning_rate"], s) / row["method"] /
                                                  "evaluation_log.jsonl").read_text().splitlines()] for s in (0, 1)]
@@ -111,3 +111,12 @@ def test_compare_sweep_end_to_end_on_the_sort_task(sort_task, tmp_path):
         assert row[SCORE + " end"][0] == pytest.approx(np.mean(ends))
         assert all(c[0][RETENTION] == 0.0 for c in cells)
     assert (out / "compare_sweep.md").read_text() in proc.stdout
+
+
+def test_a_seed_without_a_value_is_shown_not_hidden():
+    """A run whose value is missing (NaN or absent) is left out of the mean, and the cell says so."""
+    from axolotl_bnf_plugin.compare.sweep import _cell, _spread
+
+    assert _spread([0.4, float("nan"), None]) == (0.4, 0.0, 1)
+    assert _cell(_spread([0.4, float("nan"), None]), "{:.3f}", seeds=3) == "0.400 ± 0.000 (n=1)"
+    assert _cell(_spread([0.1, 0.3]), "{:+.3f}", seeds=2) == "+0.200 ± 0.141"

@@ -38,7 +38,8 @@ AXOLOTL_ONLY_KEYS = ("rl_beta", "dpo_beta", "trl", "dpo_loss_type", "dpo_loss_we
                      "dpo_use_liger_kernel", "orpo_alpha", "simpo_gamma", "cpo_alpha", "rpo_alpha")
 DEFAULT_RL_BETA = 0.1  # TRL's DPO default
 # Axolotl hands TRL's CPO trainer `simpo_gamma: None` unless the config sets it, and TRL then fails at the first
-# step; these are TRL's CPOConfig defaults for SimPO, with no NLL term (cpo_alpha 0), as in the SimPO paper.
+# step; these are TRL's CPOConfig defaults for SimPO, with no NLL term (cpo_alpha 0). Beta stays TRL's default
+# (0.1) unless the config sets `rl_beta`: far below the SimPO paper's 2-2.5, which the docs say where it matters.
 SIMPO_DEFAULTS = {"simpo_gamma": 0.5, "cpo_alpha": 0.0}
 
 

@@ -97,7 +97,9 @@ def compare(config_path: str | Path, methods: list[str], probe_size: int | None 
               flush=True)
     if not learning_rates and not seeds:
         return _compare_one(cfg, methods, probe_size, report_only, str(config_path))
-    learning_rates = learning_rates or [float(cfg.get("learning_rate"))]
+    if not learning_rates and cfg.get("learning_rate") is None:
+        raise CompareConfigError(f"{config_path} has no `learning_rate:`; set it or pass --learning-rates")
+    learning_rates = learning_rates or [float(cfg["learning_rate"])]
     seeds = seeds if seeds else [int(cfg.get("seed") or 0)]
     methods = check_methods(methods)
     for lr in learning_rates:

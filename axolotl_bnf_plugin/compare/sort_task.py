@@ -4,10 +4,10 @@
 with a tokenizer trained on this text, warmed up by supervised training on correct answers for too few steps
 to master the task (its greedy accuracy on held-out prompts is measured and written to `warmup.json`), then:
 
-- `pairs_sort.jsonl`: preference pairs from the verifier, one per training prompt: a correct and a wrong
-  answer, both sampled from the warmed-up model itself where it produced them (on-policy, as when pairs are
-  labelled by a verifier), else the reference answer (chosen) or the reference with two digits swapped
-  (rejected);
+- `pairs_sort.jsonl`: preference pairs from the verifier, one per training prompt: a correct answer and a
+  wrong one sampled from the warmed-up model (on-policy, as when pairs are labelled by a verifier), else the
+  reference with two digits swapped. A sorted answer has one correct form, so the chosen answer is always the
+  reference text, whether or not the model sampled it: the chosen side repeats the warm-up's own targets;
 - `sort_test.jsonl`: held-out prompts (the verifier's and the probe's), in the same columns;
 - `copy_test.jsonl`: a held-out set of the warm-up's second skill, repeating the digits in order (`bnf.sft`
   rows): the capability-retention set;

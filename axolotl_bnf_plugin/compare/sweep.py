@@ -61,9 +61,12 @@ def sweep_rows(output_dir: str | Path, methods: list[str], learning_rates: list[
     return rows
 
 
-def _cell(value: tuple, fmt: str) -> str:
+def _cell(value: tuple, fmt: str, seeds: int) -> str:
+    """mean ± std in one format; `(n=k)` when only k of the seeds' runs had the value."""
     mean, std, count = value
-    return "-" if not count else f"{fmt.format(mean)} ± {std:.3f}"
+    if not count:
+        return "-"
+    return f"{fmt.format(mean)} ± {fmt.format(std).lstrip('+')}" + (f" (n={count})" if count < seeds else "")
 
 
 def format_sweep(rows: list[dict]) -> str:
@@ -75,10 +78,10 @@ def format_sweep(rows: list[dict]) -> str:
              "|" + "|".join(" --- " for _ in range(len(columns) + 2)) + "|"]
     for row in rows:
         lines.append(f"| {row['method']} | {row['learning_rate']:g} | "
-                     + " | ".join(_cell(row[key], fmt) for _, key, fmt in columns) + " |")
+                     + " | ".join(_cell(row[key], fmt, row["seeds"]) for _, key, fmt in columns) + " |")
     seeds = rows[0]["seeds"] if rows else 0
     return "\n".join(lines) + (
-        f"\n\nMean ± standard deviation over {seeds} seeds. Verifier start / end: mean score of the greedy "
+        f"\n\nMean ± standard deviation over {seeds} seeds ((n=k): only k runs had a value). Verifier start / end: mean score of the greedy "
         "completions of the held-out prompts with the initial policy and at the last evaluation, and its change; "
         "retention change: the held-out set's mean per-token log-prob at the end minus at the start (nats); probe: "
         "the held-out pairs' reward accuracy and per-token log-likelihood changes against the initial policy.\n")
